@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up a virtual environment for dist_attn in ./.venv (idempotent).
+#   bash launchers/setup.sh          # runtime + DeepSpeed backend
+#   bash launchers/setup.sh dev      # + test dependencies
+# On a machine without an NVIDIA GPU, torch and triton are pinned through constraints-cpu.txt so the
+# local CPU build of torch 2.13.0 is used and no CUDA wheels are pulled. On a GPU machine the torch
+# already installed in the environment is kept (create the venv with --system-site-packages, or set
+# DIST_ATTN_PYTHON to an interpreter that has your torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="deepspeed"
+[ "${1:-}" = "dev" ] && extras="deepspeed,dev"
+
+py="${DIST_ATTN_PYTHON:-}"
+if [ -z "$py" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  py=.venv/bin/python
+fi
+"$py" -m pip install -q --upgrade pip >/dev/null
+
+constraints=()
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  constraints=(-c constraints-cpu.txt)
+  "$py" -m pip install -q "${constraints[@]}" torch triton
+fi
+# DeepSpeed's setup imports torch: build it against the torch installed above, and build no CUDA ops.
+DS_BUILD_OPS=0 "$py" -m pip install -q "${constraints[@]}" --no-build-isolation -e ".[${extras}]"
+echo "dist_attn environment ready: $py ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
