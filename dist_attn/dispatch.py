@@ -1,0 +1,57 @@
+"""One entry per layer type: route attention to the configured CP strategy (or the local kernel).
+
+Model layers call only these two functions, so a layer can never silently run on its local shard:
+with CP enabled the call goes through a strategy that communicates.
+"""
+from __future__ import annotations
+
+import torch
+
+from dist_attn.context import CPContext
+from kernels.flash_attn import softmax_kernel
+from kernels.lightning_attn import linear_kernel
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp: CPContext,
+                      causal: bool = True, softmax_scale=None) -> torch.Tensor:
+    """q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` -> out ``[B, S/P, Hq, D]``."""
+    kernel = softmax_kernel(cp.backend)
+    if not cp.enabled:
+        out, _ = kernel(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        return out
+    s = cp.softmax_strategy
+    if s == "zigzag_ring":
+        from dist_attn.ring import ring_attention
+        return ring_attention(q, k, v, group=cp.group, causal=causal, layout=cp.layout,
+                              softmax_scale=softmax_scale, local_attn=kernel)
+    if s == "allgather":
+        from dist_attn.allgather import allgather_attention
+        return allgather_attention(q, k, v, group=cp.group, causal=causal, layout=cp.layout,
+                                   softmax_scale=softmax_scale, local_attn=kernel)
+    if s == "ulysses":
+        from dist_attn.ulysses import ulysses_attention
+        return ulysses_attention(q, k, v, group=cp.group, causal=causal, layout=cp.layout,
+                                 softmax_scale=softmax_scale, local_attn=kernel)
+    if s == "usp":
+        from dist_attn.usp import usp_attention
+        return usp_attention(q, k, v, ulysses_group=cp.ulysses_group, ring_group=cp.ring_group,
+                             causal=causal, layout=cp.layout, softmax_scale=softmax_scale, local_attn=kernel)
+    raise AssertionError(f"unhandled softmax strategy {s}")
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp: CPContext,
+                     decay: torch.Tensor | None = None, scale=None) -> torch.Tensor:
+    """Causal linear attention. q/k ``[B, S/P, H, Dk]``, v ``[B, S/P, H, Dv]`` -> ``[B, S/P, H, Dv]``."""
+    kernel = linear_kernel(cp.backend)
+    if not cp.enabled:
+        out, _ = kernel(q, k, v, decay=decay, scale=scale)
+        return out
+    if cp.linear_strategy == "lasp2":
+        from dist_attn.lasp2 import lasp2_attention
+        return lasp2_attention(q, k, v, group=cp.group, decay=decay, layout=cp.layout, scale=scale,
+                               local_linear=kernel)
+    if cp.linear_strategy == "ulysses":
+        from dist_attn.ulysses import ulysses_attention
+        return ulysses_attention(q, k, v, group=cp.group, causal=True, layout=cp.layout, softmax_scale=scale,
+                                 local_attn=kernel, decay=decay)
+    raise AssertionError(f"unhandled linear strategy {cp.linear_strategy}")
