@@ -69,9 +69,11 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 def all_gather(x: torch.Tensor, group, async_op: bool = False):
     """``x [...]`` on each rank -> ``[P, ...]`` stacked in rank order (and the work handle if async)."""
     p = dist.get_world_size(group)
-    out = torch.empty((p,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    # collectives see flat buffers: [P * numel] out, [numel] in; viewed back as [P, ...]
+    flat = torch.empty(p * x.numel(), dtype=x.dtype, device=x.device)
     _record("all_gather", (p - 1) * nbytes(x), (p - 1) * nbytes(x))
-    work = _all_gather_single(out, x.contiguous(), group=group, async_op=async_op)
+    work = _all_gather_single(flat, x.contiguous().view(-1), group=group, async_op=async_op)
+    out = flat.view((p,) + tuple(x.shape))
     return (out, work) if async_op else out
 
 
@@ -81,7 +83,7 @@ def reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     assert x.shape[0] == p, "reduce_scatter expects a leading dim of size P"
     out = torch.empty(tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _record("reduce_scatter", (p - 1) * nbytes(out), (p - 1) * nbytes(out))
-    _reduce_scatter_single(out, x.contiguous(), group=group)
+    _reduce_scatter_single(out.view(-1), x.contiguous().view(-1), group=group)
     return out
 
 
