@@ -13,14 +13,15 @@ The recorder is opt-in (``with CommRecorder() as rec: ...``) and costs nothing w
 """
 from __future__ import annotations
 
-import contextvars
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-_recorder: contextvars.ContextVar = contextvars.ContextVar("dist_attn_comm_recorder", default=None)
+# Active recorders, innermost last. A plain process-wide list rather than a context variable: autograd
+# runs backward on its own device threads on GPU, and their collectives must be counted too.
+_active: list = []
 
 
 @dataclass
@@ -31,11 +32,11 @@ class CommRecorder:
     calls: dict = field(default_factory=lambda: defaultdict(int))
 
     def __enter__(self):
-        self._token = _recorder.set(self)
+        _active.append(self)
         return self
 
     def __exit__(self, *exc):
-        _recorder.reset(self._token)
+        _active.remove(self)
         return False
 
     def add(self, kind: str, sent: int, recv: int) -> None:
@@ -53,8 +54,7 @@ class CommRecorder:
 
 
 def _record(kind: str, sent: float, recv: float) -> None:
-    rec = _recorder.get()
-    if rec is not None:
+    for rec in _active:
         rec.add(kind, sent, recv)
 
 

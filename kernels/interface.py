@@ -18,6 +18,9 @@ Linear kernels (q, k ``[B, S, H, Dk]``, v ``[B, S, H, Dv]``, state fp32 ``[B, H,
 
     fwd(q, k, v, *, decay, initial_state, scale) -> (out [B,S,H,Dv], final_state)
     bwd(dout, dfinal_state, q, k, v, *, decay, initial_state, scale) -> (dq, dk, dv, dinitial_state)
+
+``dfinal_state`` may be None (no gradient flows into the final state); ``dinitial_state`` is None when
+``initial_state`` is None.
 """
 from __future__ import annotations
 
