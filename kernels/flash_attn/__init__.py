@@ -1,22 +1,73 @@
 """Softmax attention with log-sum-exp: ``flash_attn`` and the kernel object strategies consume.
 
-INTERIM: dispatches to the naive reference until the Triton and blockwise torch kernels land.
+Layout ``[B, S, H, D]``: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` with Hq a multiple of Hkv
+(GQA/MQA), D in {32, 64, 96, 128}. ``lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`` over the
+visible keys (fp32, or fp64 for fp64 inputs on the torch backend). Causal masking uses global
+positions: query ``q_offset + i`` sees key ``k_offset + j`` iff ``k_offset + j <= q_offset + i``; a
+row that sees no key gets out 0 and lse -inf, and zero (never NaN) gradients.
+
+Backends, picked per call by :func:`kernels.interface.resolve_backend`:
+
+* ``triton`` -- :mod:`.triton_kernel` (fp16/bf16/fp32), the GPU path; also runs on CPU under
+  ``TRITON_INTERPRET=1`` (tests only: far too slow to train with).
+* ``torch`` -- :mod:`.torch_kernel`, blockwise online softmax in plain torch (adds fp64), the CPU
+  training path and the fp64 path of the strategy tests.
+
+Triton is imported lazily, so the torch backend works where triton is absent.
 """
 from __future__ import annotations
 
-from kernels.flash_attn.naive import attention_ref
-from kernels.interface import SoftmaxKernel, softmax_kernel_from_autograd
+from kernels.flash_attn import torch_kernel
+from kernels.interface import BACKENDS, SoftmaxKernel, resolve_backend
 
-_NAIVE = softmax_kernel_from_autograd("naive", attention_ref)
+__all__ = ["flash_attn", "softmax_kernel"]
+
+
+def _impl(backend: str, device):
+    if resolve_backend(backend, device, "flash_attn") == "triton":
+        from kernels.flash_attn import triton_kernel  # lazy: importing triton is slow and optional
+        return triton_kernel
+    return torch_kernel
+
+
+def _make(backend: str) -> SoftmaxKernel:
+    def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
+        return _impl(backend, q.device).fwd(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                            q_offset=q_offset, k_offset=k_offset)
+
+    def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, dlse=None):
+        return _impl(backend, q.device).bwd(dout, q, k, v, out, lse, causal=causal,
+                                            softmax_scale=softmax_scale, q_offset=q_offset,
+                                            k_offset=k_offset, dlse=dlse)
+
+    return SoftmaxKernel(f"flash_attn[{backend}]", fwd, bwd)
+
+
+_KERNELS: dict = {}
 
 
 def softmax_kernel(backend: str = "auto") -> SoftmaxKernel:
-    """The :class:`~kernels.interface.SoftmaxKernel` for ``backend`` in {"auto", "triton", "torch"}."""
-    return _NAIVE
+    """The :class:`~kernels.interface.SoftmaxKernel` for ``backend`` in {"auto", "triton", "torch"}.
+
+    ``fwd``/``bwd`` resolve the backend on every call from the tensors' device, so one object
+    serves CPU and GPU tensors alike. The kernel objects are cached (one per backend name).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"softmax_kernel: backend expected one of {BACKENDS}, got {backend!r}. "
+                         f"Fix: pass backend='auto' (Triton on GPU, torch on CPU).")
+    if backend not in _KERNELS:
+        _KERNELS[backend] = _make(backend)
+    return _KERNELS[backend]
 
 
 def flash_attn(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, return_lse=False,
                backend="auto"):
+    """Differentiable softmax attention; ``(out, lse)`` if ``return_lse`` else ``out``.
+
+    q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` -> out ``[B, Sq, Hq, D]``, lse ``[B, Hq, Sq]``;
+    out_i = sum_j softmax_j(scale * q_i . k_j) v_j over visible keys, scale = D^-0.5 by default.
+    Gradients flow through both ``out`` and ``lse``.
+    """
     out, lse = softmax_kernel(backend)(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                        q_offset=q_offset, k_offset=k_offset)
     return (out, lse) if return_lse else out

@@ -1,0 +1,168 @@
+"""Single-device kernel benchmark: forward, backward and fwd+bwd time and TFLOP/s.
+
+    python -m benchmarks.kernels                                   # GPU: seq 1K..32K, D 64/128, bf16, causal
+    python -m benchmarks.kernels --seqs 8192 --head-dims 128 --ops flash_attn sdpa
+    python -m benchmarks.kernels --help
+
+Ops compared (each skipped with a note when unavailable):
+
+* ``flash_attn``  -- ours (:func:`kernels.flash_attn.flash_attn`, Triton on GPU);
+* ``sdpa``        -- ``torch.nn.functional.scaled_dot_product_attention`` (inputs pre-laid out [B,H,S,D]);
+* ``flash_attn_pkg`` -- ``flash_attn.flash_attn_func`` of the flash-attn package, if installed;
+* ``lightning_attn`` -- ours (:func:`kernels.lightning_attn.lightning_attn`), per-head decay;
+* ``fla_simple_gla`` -- ``fla.ops.simple_gla.chunk_simple_gla`` with the same per-head decay, if installed.
+
+FLOP conventions (printed with every run):
+
+* softmax attention forward 4·B·H·Sq·Sk·D (two matmuls of 2·Sq·Sk·D), x0.5 when causal;
+  backward 2.5x forward (2.0 for the four matmuls + 0.5 for recomputing QK^T); fwd+bwd 3.5x;
+* chunked linear attention (chunk C) forward 4·B·H·N·D·(C + D), backward counted as 2x forward.
+
+Shapes keep the token count fixed (batch = max(1, tokens // seq)) and the model width fixed
+(heads = width // D), as the FlashAttention papers do. Without a GPU the script says so and runs a
+tiny fp32 size on CPU as a sanity check of the plumbing (the numbers mean nothing there).
+Writes ``kernels_<gpu|cpu>.json`` and ``.md`` under ``--out-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import device_name, write_results
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SOFTMAX_OPS = ("flash_attn", "sdpa", "flash_attn_pkg")
+LINEAR_OPS = ("lightning_attn", "fla_simple_gla")
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOP_NOTE = ("softmax fwd = 4*B*H*Sq*Sk*D (x0.5 causal), bwd = 2.5x fwd, fwd+bwd = 3.5x fwd; "
+             "linear fwd = 4*B*H*N*D*(C+D) with chunk C, bwd = 2x fwd, fwd+bwd = 3x fwd")
+
+
+def softmax_flops(b, h, sq, sk, d, causal, mode) -> float:
+    fwd = 4.0 * b * h * sq * sk * d * (0.5 if causal else 1.0)
+    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+
+def linear_flops(b, h, n, d, chunk, mode) -> float:
+    fwd = 4.0 * b * h * n * d * (chunk + d)
+    return fwd * {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[mode]
+
+
+def _make_op(name: str, causal: bool):
+    """Returns ``(layout, fn(q, k, v, decay) -> out)``; layout "bshd" or "bhsd". Raises ImportError."""
+    if name == "flash_attn":
+        from kernels.flash_attn import flash_attn
+        return "bshd", lambda q, k, v, g: flash_attn(q, k, v, causal=causal)
+    if name == "sdpa":
+        import torch.nn.functional as F
+        return "bhsd", lambda q, k, v, g: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name == "flash_attn_pkg":
+        from flash_attn import flash_attn_func  # the flash-attn package, not kernels.flash_attn
+        return "bshd", lambda q, k, v, g: flash_attn_func(q, k, v, causal=causal)
+    if name == "lightning_attn":
+        from kernels.lightning_attn import lightning_attn
+        return "bshd", lambda q, k, v, g: lightning_attn(q, k, v, decay=g)[0]
+    if name == "fla_simple_gla":
+        if not torch.cuda.is_available():
+            raise ImportError("fla's Triton kernels need a GPU")
+        from fla.ops.simple_gla import chunk_simple_gla
+        return "bshd", lambda q, k, v, g: chunk_simple_gla(q, k, v, g_gamma=g)[0]
+    raise ValueError(f"unknown op {name!r}")
+
+
+def _time_ms(fn, device, warmup: int, rep: int, grad_to_none=None) -> float:
+    """Median time of ``fn()`` in ms: ``triton.testing.do_bench`` on GPU (L2 flushed between
+    runs), wall clock with the same median on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def bench_one(op: str, b: int, h: int, s: int, d: int, dtype, device, causal: bool, chunk: int,
+              warmup: int, rep: int) -> list[dict]:
+    """Time one op at one shape in every mode; returns one row per mode (``ms`` None on error)."""
+    kind = "softmax" if op in SOFTMAX_OPS else "linear"
+    base = dict(op=op, kind=kind, B=b, H=h, S=s, D=d, dtype=str(dtype).replace("torch.", ""),
+                causal=causal if kind == "softmax" else True)
+    try:
+        layout, fn = _make_op(op, causal)
+        shape = (b, s, h, d) if layout == "bshd" else (b, h, s, d)
+        q, k, v = (torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+        decay = -torch.linspace(0.01, 0.5, h, device=device, dtype=torch.float32)  # log decay per head
+        dout = torch.randn(shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            ms_f = _time_ms(lambda: fn(q, k, v, decay), device, warmup, rep)
+        out = fn(q, k, v, decay)
+        ms_b = _time_ms(lambda: out.backward(dout, retain_graph=True), device, warmup, rep, [q, k, v])
+        ms_fb = _time_ms(lambda: fn(q, k, v, decay).backward(dout), device, warmup, rep, [q, k, v])
+        del out
+    except Exception as exc:  # an unavailable op or an OOM must not stop the sweep
+        note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        return [dict(base, mode=m, ms=None, tflops=None, note=note) for m in MODES]
+    rows = []
+    for mode, ms in zip(MODES, (ms_f, ms_b, ms_fb)):
+        fl = softmax_flops(b, h, s, s, d, causal, mode) if kind == "softmax" else linear_flops(b, h, s, d, chunk, mode)
+        rows.append(dict(base, mode=mode, ms=ms, tflops=fl / (ms * 1e-3) / 1e12, note=""))
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Kernel benchmark: ours vs SDPA / flash-attn / fla (fwd, bwd, fwd+bwd).",
+                                epilog=FLOP_NOTE)
+    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
+                   help="sequence lengths (Sq = Sk)")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dims D")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens per batch: batch = max(1, tokens // seq)")
+    p.add_argument("--width", type=int, default=2048, help="model width: heads = width // D")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--no-causal", action="store_true", help="full (non-causal) softmax attention")
+    p.add_argument("--chunk", type=int, default=64, help="chunk size C in the linear-attention FLOP count")
+    p.add_argument("--ops", nargs="+", default=list(SOFTMAX_OPS + LINEAR_OPS),
+                   choices=list(SOFTMAX_OPS + LINEAR_OPS))
+    p.add_argument("--warmup", type=int, default=25, help="GPU warm-up time per measurement, ms")
+    p.add_argument("--rep", type=int, default=100, help="GPU measuring time per measurement, ms")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype, seqs, dims, tokens, width = DTYPES[args.dtype], args.seqs, args.head_dims, args.tokens, args.width
+    if not on_gpu:
+        print("No GPU found: running a tiny fp32 sanity size on CPU (plumbing check; timings are not meaningful).")
+        dtype, seqs, dims, tokens, width = torch.float32, [256], [64], 256, 128
+    causal = not args.no_causal
+    print(f"device: {device_name()}\nFLOPs: {FLOP_NOTE}")
+    rows = []
+    for d in dims:
+        for s in seqs:
+            b, h = max(1, tokens // s), max(1, width // d)
+            for op in args.ops:
+                new = bench_one(op, b, h, s, d, dtype, device, causal, args.chunk, args.warmup, args.rep)
+                rows += new
+                cells = "  ".join(f"{r['mode']} {r['ms']:.3f} ms {r['tflops']:.3g} TFLOP/s" if r["ms"] is not None
+                                  else f"{r['mode']} -" for r in new)
+                print(f"{op:>15} B={b} H={h} S={s} D={d}: {cells} {new[0]['note']}")
+        if on_gpu:
+            torch.cuda.empty_cache()
+    meta = dict(device=device_name(), dtype=str(dtype), causal=causal, flops=FLOP_NOTE, torch=torch.__version__)
+    name = "kernels_gpu" if on_gpu else "kernels_cpu"
+    paths = write_results(name, rows, ["op", "mode", "B", "H", "S", "D", "ms", "tflops", "note"], meta, args.out_dir)
+    print("wrote", *paths)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

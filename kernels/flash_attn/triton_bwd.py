@@ -1,0 +1,199 @@
+"""Triton backward kernels of softmax attention, from the saved (possibly merged) log-sum-exp.
+
+Math per (batch, query head), with s = scale * q k^T, P = exp(s - lse) and
+delta_i = rowsum(dout_i * out_i) - dlse_i::
+
+    dV = P^T dout      dP = dout V^T      dS = P * (dP - delta)
+    dQ = scale * dS K  dK = scale * dS^T Q
+
+When ``out``/``lse`` are the merge of several key blocks (ring attention), P above is this block's
+share of the merged softmax and the formulas return exactly this block's share of the gradient.
+
+Three kernels, no atomics:
+  * ``_bwd_preprocess``: delta, and lse in base 2 (lse2 = log2(e) * lse, +inf for rows that saw no
+    key, so exp2(t - lse2) = 0 there instead of NaN);
+  * ``_attn_bwd_dkdv``: one program per (key block, batch, KV head) loops over the G query heads of
+    its group and over query blocks, accumulating dK, dV in registers (GQA sum included);
+  * ``_attn_bwd_dq``: one program per (query block, batch, query head) loops over key blocks.
+Causal: blocks invisible to every pair are skipped; fully visible blocks run without masks.
+See :mod:`kernels.flash_attn.triton_fwd` for the ``DOT_FP32`` interpreter flag.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.flash_attn.triton_fwd import LOG2E, _dot
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
+                    stride_ob, stride_os, stride_oh, stride_od,
+                    stride_dob, stride_dos, stride_doh, stride_dod,
+                    Hq, Sq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq). LSE, DLSE, DELTA, LSE2 are contiguous fp32 [B, Hq, Sq]."""
+    bh = tl.program_id(1)
+    off_b = (bh // Hq).to(tl.int64)
+    off_h = bh % Hq
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    row = bh.to(tl.int64) * Sq + offs_m
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=offs_m < Sq, other=0.0)
+    lse = tl.load(LSE + row, mask=offs_m < Sq, other=0.0)
+    tl.store(DELTA + row, delta, mask=offs_m < Sq)
+    tl.store(LSE2 + row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=offs_m < Sq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_qs, stride_qd, stride_dos, stride_dod,
+                offs_n, offs_d, lo, hi, Sq, Sk, D, qk_scale, q_offset, k_offset,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Accumulate one key block's dK, dV over query blocks [lo, hi), in transposed form
+    (key rows x query columns) so no [BLOCK_M, BLOCK_N] tile needs a register transpose."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Sq  # rows past Sq load q = do = 0 and lse2 = +inf, so they add nothing
+        qt = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+                     mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # Q^T [BLOCK_D, BLOCK_M]
+        lse2 = tl.load(lse2_base + offs_m, mask=row_ok, other=float("inf"))
+        pt = tl.exp2(_dot(k, qt, DOT_FP32) * qk_scale - lse2[None, :])  # P^T [BLOCK_N, BLOCK_M]
+        if MASKED:
+            visible = offs_n[:, None] < Sk
+            if CAUSAL:
+                visible = visible & (k_offset + offs_n[:, None] <= q_offset + offs_m[None, :])
+            pt = tl.where(visible, pt, 0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
+        dv += _dot(pt.to(do.dtype), do, DOT_FP32)  # dV += P^T dout
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dpt = _dot(v, tl.trans(do), DOT_FP32)  # dP^T = V dout^T
+        dst = pt * (dpt - delta[None, :])  # dS^T = P^T (dP^T - delta)
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_FP32)  # dK += dS^T Q (scale applied once later)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV,
+                   stride_qb, stride_qs, stride_qh, stride_qd,
+                   stride_kb, stride_ks, stride_kh, stride_kd,
+                   stride_vb, stride_vs, stride_vh, stride_vd,
+                   stride_dob, stride_dos, stride_doh, stride_dod,
+                   Hq, Hkv, Sq, Sk, D, GROUP, sm_scale, q_offset, k_offset,
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Grid (cdiv(Sk, BLOCK_N), B * Hkv). DK, DV contiguous [B, Sk, Hkv, D] in the input dtype."""
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "tl.dot needs tiles of at least 16")
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    off_b = (bh // Hkv).to(tl.int64)
+    off_kvh = bh % Hkv
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < D)
+    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_end = tl.cdiv(Sq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # rows i >= k_offset + start_n - q_offset see some key of the block; rows
+        # i >= k_offset + start_n + BLOCK_N - 1 - q_offset see all of it.
+        m_lo = (tl.minimum(tl.maximum(k_offset + start_n - q_offset, 0), Sq) // BLOCK_M) * BLOCK_M
+        m_full = tl.cdiv(tl.minimum(tl.maximum(k_offset + start_n + BLOCK_N - 1 - q_offset, 0), Sq), BLOCK_M) * BLOCK_M
+    else:
+        m_lo = start_n * 0
+        m_full = start_n * 0
+    m_full = tl.where(start_n + BLOCK_N > Sk, m_end, m_full)  # a ragged last key block is masked throughout
+    qk_scale = sm_scale * LOG2E
+    for g in range(GROUP):  # the query heads sharing this KV head: dK, dV sum over them
+        off_h = off_kvh * GROUP + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        row_base = (off_b * Hq + off_h) * Sq
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
+                             stride_qs, stride_qd, stride_dos, stride_dod, offs_n, offs_d, m_lo, m_full,
+                             Sq, Sk, D, qk_scale, q_offset, k_offset, BLOCK_M, True, CAUSAL, DOT_FP32)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
+                             stride_qs, stride_qd, stride_dos, stride_dod, offs_n, offs_d, m_full, m_end,
+                             Sq, Sk, D, qk_scale, q_offset, k_offset, BLOCK_M, False, CAUSAL, DOT_FP32)
+    out_off = off_b * Sk * Hkv * D + off_kvh * D + offs_n[:, None] * (Hkv * D) + offs_d[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              offs_m, offs_d, lo, hi, Sk, D, qk_scale, q_offset, k_offset,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Accumulate one query block's dQ over key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        t_mask = offs_d[:, None] < D
+        if MASKED:
+            t_mask = t_mask & (offs_n[None, :] < Sk)
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
+        p = tl.exp2(_dot(q, kt, DOT_FP32) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            visible = offs_n[None, :] < Sk
+            if CAUSAL:
+                visible = visible & (k_offset + offs_n[None, :] <= q_offset + offs_m[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = _dot(do, vt, DOT_FP32)  # dP = dout V^T
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT_FP32)  # dQ += dS K (scale applied once later)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ,
+                 stride_qb, stride_qs, stride_qh, stride_qd,
+                 stride_kb, stride_ks, stride_kh, stride_kd,
+                 stride_vb, stride_vs, stride_vh, stride_vd,
+                 stride_dob, stride_dos, stride_doh, stride_dod,
+                 Hq, Sq, Sk, D, GROUP, sm_scale, q_offset, k_offset,
+                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq). DQ contiguous [B, Sq, Hq, D] in the input dtype."""
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "tl.dot needs tiles of at least 16")
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest causal programs first
+    bh = tl.program_id(1)
+    off_b = (bh // Hq).to(tl.int64)
+    off_h = bh % Hq
+    off_kvh = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    row = bh.to(tl.int64) * Sq + offs_m
+    lse2 = tl.load(LSE2 + row, mask=offs_m < Sq, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=offs_m < Sq, other=0.0)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    if CAUSAL:  # same key ranges as the forward: [0, n_full) unmasked, [n_full, hi) masked
+        n_first = tl.minimum(tl.maximum(q_offset + start_m - k_offset + 1, 0), Sk)
+        hi = tl.minimum(tl.maximum(q_offset + start_m + BLOCK_M - k_offset, 0), Sk)
+    else:
+        n_first = Sk
+        hi = Sk
+    n_full = (n_first // BLOCK_N) * BLOCK_N
+    qk_scale = sm_scale * LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                   offs_m, offs_d, 0, n_full, Sk, D, qk_scale, q_offset, k_offset, BLOCK_N, False, CAUSAL, DOT_FP32)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                   offs_m, offs_d, n_full, hi, Sk, D, qk_scale, q_offset, k_offset, BLOCK_N, True, CAUSAL, DOT_FP32)
+    out_off = off_b * Sq * Hq * D + off_h * D + offs_m[:, None] * (Hq * D) + offs_d[None, :]
+    tl.store(DQ + out_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
