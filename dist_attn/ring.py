@@ -1,0 +1,217 @@
+"""Ring attention: softmax attention over a context-parallel group, K/V passed around a ring.
+
+Shapes. Global ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]`` (Hq a multiple of Hkv: MHA, GQA, MQA).
+On rank r of the P ranks of ``group``: ``q [B, S/P, Hq, D]``, ``k, v [B, S/P, Hkv, D]`` in the
+``zigzag`` (rank r holds chunks r and 2P-1-r of C = S/(2P) tokens) or ``contiguous`` layout; the
+output ``[B, S/P, Hq, D]`` is in the same layout.
+
+Math. Step t = 0..P-1, rank r holds the K/V block of rank src = (r - t) mod P and computes the
+partial result of its queries over those keys, ``(o_t, lse_t) = attn(q, k_src, v_src)``. Partial
+results over disjoint keys merge exactly through the log-sum-exp (:mod:`dist_attn.merge`, fp32)::
+
+    lse = log(exp(lse_a) + exp(lse_b)),   o = exp(lse_a - lse)·o_a + exp(lse_b - lse)·o_b
+
+While block t is computed, block t+1 is already in flight (comm/compute overlap). K/V travel with
+Hkv heads, never expanded to Hq. Backward: K/V travel the ring again; with the *merged* (o, lse)
+every block's share of the gradient is local (``P_ij = exp(s_ij - lse_i)``,
+``dS = P ⊙ (dP - rowsum(dO ⊙ O))``), so dq accumulates in place and the fp32 dK/dV of block src
+accumulate in a buffer that travels with the ring and arrives at its owner after P-1 hops.
+
+Causal schedule (zigzag; q = [q_r, q_{2P-1-r}], k = [k_src, k_{2P-1-src}], halves of C tokens)::
+
+    src == r  ->  local causal (q vs k with a causal mask on the local concatenation: exact)
+    src <  r  ->  all q vs first half of k, no mask   (chunk src precedes both local chunks)
+    src >  r  ->  second half of q vs all k, no mask  (both remote chunks precede chunk 2P-1-r)
+
+so every rank does 2C·C (unmasked) work per step: balanced. ``contiguous`` + causal computes
+src < r in full and skips src > r (correct but unbalanced: rank P-1 does 2P-1 times the work of rank 0);
+non-causal computes every block in full in either layout.
+
+Cost per rank per layer (N = S global tokens, b bytes per input element)::
+
+    forward bytes sent   2(P-1)/P · B·N·Hkv·D·b         (K and V, P-1 hops of B·N/P·Hkv·D)
+    backward bytes sent  2(P-1)/P · B·N·Hkv·D·(b + 4)   (K/V again + fp32 dK/dV, P-1 hops each)
+    forward FLOPs        4·B·Hq·(N/P)·N·D, x0.5 causal (zigzag: equal on every rank); bwd 2.5x
+
+Measured bf16 rms error vs P (``tests/test_ring.py::test_bf16_drift_vs_ring_size``: one global
+problem B=1, S=256, Hq=4, Hkv=2, D=64, causal zigzag, default CPU kernel; rms(out - ref)/rms(ref)
+with the reference in fp64 on the same bf16 inputs)::
+
+    P       1        2        4        8
+    out     1.6e-3   1.7e-3   1.6e-3   1.5e-3
+    dq      1.9e-3   2.1e-3   2.1e-3   2.2e-3
+    dk      1.8e-3   2.6e-3   2.7e-3   2.8e-3
+    dv      1.7e-3   2.4e-3   2.4e-3   2.4e-3
+
+Flat in P because blocks merge in fp32. dK/dV step up once from P=1 to 2: the kernel returns each
+block's share rounded to bf16 before the fp32 sum (one extra rounding, not one per step).
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from dist_attn.checks import check_group, check_qkv, fail
+from dist_attn.comm import RingComm
+from dist_attn.layout import check_layout, check_seq_len
+from dist_attn.merge import empty_accumulators, merge_into
+from kernels.interface import LinearKernel, SoftmaxKernel, softmax_kernel_from_autograd
+
+_ALL = slice(None)
+
+
+def resolve_local_attn(where: str, local_attn) -> SoftmaxKernel:
+    """``None`` -> the default kernel; a :class:`SoftmaxKernel` as is; a plain differentiable
+    ``fn(q, k, v, *, causal, softmax_scale, q_offset, k_offset) -> (out, lse)`` wrapped (its ``bwd``
+    recomputes under autograd and rescales by the merge weights)."""
+    if local_attn is None:
+        from kernels.flash_attn import softmax_kernel
+        return softmax_kernel("auto")
+    if isinstance(local_attn, SoftmaxKernel):
+        return local_attn
+    if isinstance(local_attn, LinearKernel) or not callable(local_attn):
+        fail(where, "local_attn to be a SoftmaxKernel, a callable (q, k, v, *, causal, softmax_scale, "
+             "q_offset, k_offset) -> (out, lse), or None", type(local_attn).__name__,
+             "pass kernels.flash_attn.softmax_kernel('auto') or leave local_attn=None")
+    return softmax_kernel_from_autograd(getattr(local_attn, "__name__", "user_attn"), local_attn)
+
+
+def check_softmax_cp_inputs(where: str, q, k, v, group, causal, layout, softmax_scale, local_attn
+                            ) -> tuple[int, float, SoftmaxKernel]:
+    """Every check of a softmax CP strategy, all local (no collective), so a bad input raises
+    ``ValueError`` on every rank before any communication. Returns ``(P, softmax_scale, kernel)``."""
+    check_qkv(where, q, k, v)
+    check_layout(layout, f"{where}: layout")
+    if not isinstance(causal, bool):
+        fail(where, "causal to be a bool", repr(causal), "pass causal=True or causal=False")
+    if softmax_scale is not None and (not isinstance(softmax_scale, numbers.Real) or
+                                      isinstance(softmax_scale, bool) or not softmax_scale > 0):
+        fail(where, "softmax_scale to be a positive number or None", repr(softmax_scale),
+             "leave it None for 1/sqrt(head_dim)")
+    kernel = resolve_local_attn(where, local_attn)
+    world = check_group(where, group)
+    check_seq_len(world * q.shape[1], world, layout, f"{where}: global sequence P*S_local")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return world, scale, kernel
+
+
+def _rows(x: torch.Tensor, sl: slice, dim: int = 1) -> torch.Tensor:
+    """``x`` restricted to sequence rows ``sl`` along ``dim``, contiguous for the kernel."""
+    if sl == _ALL:
+        return x
+    return x[(slice(None),) * dim + (sl,)].contiguous()
+
+
+def _block_plan(rank: int, src: int, world: int, layout: str, causal: bool, s_local: int):
+    """What rank ``rank`` computes on the K/V block of rank ``src``: ``(q_rows, k_rows, causal)``
+    (slices of the local sequence) or ``None`` when no local query sees any of those keys."""
+    if src == rank:
+        return _ALL, _ALL, causal
+    if not causal:
+        return _ALL, _ALL, False
+    if layout == "contiguous":
+        return (_ALL, _ALL, False) if src < rank else None
+    half = s_local // 2
+    if src < rank:
+        return _ALL, slice(0, half), False
+    return slice(half, None), _ALL, False
+
+
+def _ring_forward(q, k, v, group, causal, layout, scale, kernel):
+    """q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` -> (out ``[B, S/P, Hq, D]`` in q's dtype,
+    lse fp32 ``[B, Hq, S/P]``) over all P blocks."""
+    comm = RingComm(group)
+    world, rank = comm.world_size, comm.rank
+    out, lse = empty_accumulators(q)                    # fp32 accumulators: o = 0, lse = -inf
+    for step in range(world):
+        if step + 1 < world:                            # post the next block before computing
+            next_k, next_v = comm.send_recv(k), comm.send_recv(v)
+            comm.commit()
+        plan = _block_plan(rank, (rank - step) % world, world, layout, causal, q.shape[1])
+        if plan is not None:
+            qs, ks, c = plan
+            block_out, block_lse = kernel.fwd(_rows(q, qs), _rows(k, ks), _rows(v, ks), causal=c,
+                                              softmax_scale=scale, q_offset=0, k_offset=0)
+            merge_into(out, lse, block_out, block_lse, qs)
+        if step + 1 < world:
+            comm.wait()
+            k, v = next_k, next_v
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, group, causal, layout, scale, kernel):
+    """Gradients of the local q, k, v (fp32). ``out``/``lse`` are the merged forward results.
+
+    Two rings: K/V (posted before each block's compute, as in the forward) and the fp32 dK/dV
+    accumulator of the block in hand. The accumulator for rank src's keys is created by rank
+    src+1 at step 1, gains one block's share per hop, and after step P-1 (on rank src-1) is sent
+    home, where the diagonal block's share (kept locally at step 0) is added: P-1 hops in all.
+    """
+    kv_comm, dkv_comm = RingComm(group), RingComm(group)
+    world, rank = kv_comm.world_size, kv_comm.rank
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk_own = dv_own = next_dk = next_dv = None
+    for step in range(world):
+        if step + 1 < world:
+            next_k, next_v = kv_comm.send_recv(k), kv_comm.send_recv(v)
+            kv_comm.commit()
+        plan = _block_plan(rank, (rank - step) % world, world, layout, causal, q.shape[1])
+        if plan is not None:
+            qs, ks, c = plan
+            dq_b, dk_b, dv_b = kernel.bwd(_rows(dout, qs), _rows(q, qs), _rows(k, ks), _rows(v, ks),
+                                          _rows(out, qs), _rows(lse, qs, dim=2), causal=c,
+                                          softmax_scale=scale, q_offset=0, k_offset=0)
+            dq[:, qs] += dq_b
+        if step == 0:                                   # the diagonal block: always computed
+            dk_own, dv_own = dk_b.float(), dv_b.float()
+        else:
+            if step == 1:
+                dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+                dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            else:
+                dkv_comm.wait()
+                dk_acc, dv_acc = next_dk, next_dv
+            if plan is not None:
+                dk_acc[:, ks] += dk_b
+                dv_acc[:, ks] += dv_b
+            next_dk, next_dv = dkv_comm.send_recv(dk_acc), dkv_comm.send_recv(dv_acc)
+            dkv_comm.commit()
+        if step + 1 < world:
+            kv_comm.wait()
+            k, v = next_k, next_v
+    if world > 1:                                       # our keys' accumulator is back home
+        dkv_comm.wait()
+        dk_own += next_dk
+        dv_own += next_dv
+    return dq, dk_own, dv_own
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, layout, scale, kernel):
+        out, lse = _ring_forward(q, k, v, group, causal, layout, scale, kernel)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, layout, scale, kernel)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, causal: bool = True,
+                   layout: str = "zigzag", softmax_scale=None, local_attn=None) -> torch.Tensor:
+    """Softmax attention of the local queries over the keys of every rank of ``group``.
+
+    q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` (this rank's shard in ``layout``) ->
+    out ``[B, S/P, Hq, D]``, differentiable in q, k, v. ``local_attn``: a
+    :class:`~kernels.interface.SoftmaxKernel` (default ``kernels.flash_attn.softmax_kernel("auto")``)
+    or a differentiable ``fn(q, k, v, *, causal, softmax_scale, q_offset, k_offset) -> (out, lse)``.
+    Raises ``ValueError`` on every rank, before any communication, for an invalid input.
+    """
+    _, scale, kernel = check_softmax_cp_inputs("ring_attention", q, k, v, group, causal, layout,
+                                               softmax_scale, local_attn)
+    return _RingAttention.apply(q, k, v, group, causal, layout, scale, kernel)
