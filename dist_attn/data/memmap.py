@@ -1,0 +1,94 @@
+"""A memory-mapped token file (written by :mod:`dist_attn.data.prepare`) as reproducible LM batches.
+
+File format: ``PATH`` holds the raw token ids (little-endian uint16 or uint32, no header) and
+``PATH.json`` the meta data (dtype, num_tokens, vocab_size, tokenizer). Nothing is read into memory
+but the windows a batch needs.
+
+Each sequence of a batch is a random window of S + 1 tokens: ``input_ids = w[:-1]``, ``labels =
+w[1:]`` (labels shifted globally, before any CP sharding). Its start is a pure function of
+``(seed, step, index in the global batch)``, so a run resumed at step t sees the same data, whatever
+the number of data-parallel ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+META_SUFFIX = ".json"
+
+
+def _fail(where: str, expected: str, got, fix: str) -> None:
+    raise ValueError(f"{where}: expected {expected}, got {got!r}. Fix: {fix}")
+
+
+def read_meta(path: str) -> Optional[dict]:
+    """The JSON meta next to a token file, or None if there is none."""
+    meta_path = path + META_SUFFIX
+    if not os.path.exists(meta_path):
+        return None
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        _fail("TokenDataset", f"readable JSON meta at {meta_path}", str(e),
+              "re-run `python -m dist_attn.data.prepare` to rewrite it")
+
+
+class TokenDataset:
+    """``TokenDataset(path, seq_len, dtype=None, seed=0)``: random windows of a token file.
+
+    ``dtype`` is ``"uint16"`` or ``"uint32"``; None takes it from ``PATH.json`` (a given dtype must
+    agree with the meta). ``vocab_size`` comes from the meta (None without one).
+    """
+
+    def __init__(self, path: str, seq_len: int, dtype: Optional[str] = None, seed: int = 0):
+        path = os.fspath(path)
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            _fail("TokenDataset.path", "a readable token file", path,
+                  "write one with `python -m dist_attn.data.prepare --input FILES --output PATH`")
+        meta = read_meta(path) or {}
+        if dtype is None:
+            dtype = meta.get("dtype")
+            if dtype is None:
+                _fail("TokenDataset.dtype", "'uint16' or 'uint32' (no PATH.json meta to read it from)", None,
+                      "pass dtype=... or write the file with dist_attn.data.prepare")
+        if dtype not in DTYPES:
+            _fail("TokenDataset.dtype", f"one of {sorted(DTYPES)}", dtype, "use uint16 for vocabularies <= 65536")
+        if meta.get("dtype", dtype) != dtype:
+            _fail("TokenDataset.dtype", f"{meta['dtype']!r} as recorded in {path + META_SUFFIX}", dtype,
+                  "drop the dtype argument to use the recorded one")
+        if not isinstance(seq_len, int) or seq_len < 1:
+            _fail("TokenDataset.seq_len", "a positive int", seq_len, "pass the global sequence length S")
+        itemsize = np.dtype(DTYPES[dtype]).itemsize
+        size = os.path.getsize(path)
+        if size % itemsize != 0:
+            _fail("TokenDataset", f"a file size that is a multiple of {itemsize} bytes ({dtype})", size,
+                  "check the dtype (uint16 vs uint32) or re-run prepare")
+        self.num_tokens = size // itemsize
+        if self.num_tokens < seq_len + 1:
+            _fail("TokenDataset", f"at least seq_len + 1 = {seq_len + 1} tokens in {path}", self.num_tokens,
+                  "prepare more text or lower seq_len")
+        self.path, self.seq_len, self.dtype, self.seed = path, seq_len, dtype, seed
+        self.vocab_size = meta.get("vocab_size")
+        self.tokens = np.memmap(path, dtype=DTYPES[dtype], mode="r", shape=(self.num_tokens,))
+
+    def window(self, step: int, index: int) -> np.ndarray:
+        """The S + 1 tokens of sequence ``index`` of the global batch at ``step`` (int64)."""
+        rng = np.random.default_rng([self.seed, step, index])
+        start = int(rng.integers(0, self.num_tokens - self.seq_len))  # start + S + 1 <= num_tokens
+        return self.tokens[start:start + self.seq_len + 1].astype(np.int64)
+
+    def get_batch(self, step: int, batch_size: int, *, dp_rank: int = 0, dp_size: int = 1):
+        """This data-parallel rank's rows ``[dp_rank * B, (dp_rank + 1) * B)`` of the global batch at
+        ``step``: ``(input_ids [B, S], labels [B, S])`` long, labels already shifted by one token."""
+        if not 0 <= dp_rank < dp_size or batch_size < 1 or step < 0:
+            _fail("TokenDataset.get_batch", "step >= 0, batch_size >= 1 and 0 <= dp_rank < dp_size",
+                  (step, batch_size, dp_rank, dp_size), "pass this rank's data-parallel rank and world size")
+        w = np.stack([self.window(step, dp_rank * batch_size + i) for i in range(batch_size)])
+        w = torch.from_numpy(w)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()

@@ -1,0 +1,188 @@
+"""Configuration of the hybrid language model: one dataclass, validated, with a parameter and FLOP count.
+
+A hybrid stacks ``n_layers`` blocks; ``pattern`` names the sequence mixer of each block (``L`` linear
+attention, ``F`` full softmax attention) and is repeated / truncated to ``n_layers``: ``"LLLF"`` over 8
+layers is ``LLLFLLLF`` (3:1, as Kimi Linear; MiniMax-01 uses ``"LLLLLLLF"``).
+
+    cfg = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, pattern="LLLF")
+    cfg.layer_types        # "LLLF"
+    cfg.num_params()       # exact count of HybridLM(cfg).parameters()
+    cfg.flops_per_token(4096)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+LAYER_TYPES = {"L": "linear attention", "F": "full softmax attention"}
+
+
+def _fail(field: str, expected: str, got, fix: str) -> None:
+    raise ValueError(f"ModelConfig.{field}: expected {expected}, got {got!r}. Fix: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    """Token vocabulary size V (256 = the byte-level tokenizer of :mod:`dist_attn.data.prepare`)."""
+    d_model: int = 64
+    """Residual stream width."""
+    n_layers: int = 4
+    """Number of blocks (each: sequence mixer + SwiGLU MLP, both pre-norm residual)."""
+    pattern: str = "LLLF"
+    """Mixer per block, repeated/truncated to ``n_layers``: ``L`` linear attention, ``F`` softmax attention."""
+    n_heads: int = 4
+    """Query heads Hq of the softmax (``F``) layers."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads Hkv of the softmax layers (GQA); must divide ``n_heads``. None: ``n_heads`` (MHA)."""
+    head_dim: Optional[int] = None
+    """Head dim D of the softmax layers (even, for RoPE). None: ``d_model // n_heads``."""
+    linear_heads: Optional[int] = None
+    """Heads H of the linear (``L``) layers. None: ``n_heads``."""
+    linear_head_dim: Optional[int] = None
+    """Head dim (Dk = Dv) of the linear layers (state Dk x Dv per head). None: ``d_model // linear_heads``."""
+    ffn_hidden: Optional[int] = None
+    """SwiGLU hidden width. None: ``mlp_ratio * d_model`` rounded up to a multiple of 8."""
+    mlp_ratio: float = 8 / 3
+    """SwiGLU width relative to ``d_model`` when ``ffn_hidden`` is None (8/3 keeps 3 matrices ~ 8 d^2 params)."""
+    rope_theta: float = 10000.0
+    """RoPE base of the softmax layers (linear layers use no positional encoding: the decay orders tokens)."""
+    gated_attention: bool = True
+    """Head-wise sigmoid output gate on the softmax layers: o_h * sigmoid(x w_h) ("Gated Attention", 2025)."""
+    linear_decay_min: float = 0.6
+    """Smallest per-head decay lambda of the linear layers (head 0, shortest memory, ~1/(1-lambda) tokens)."""
+    linear_decay_max: float = 0.999
+    """Largest per-head decay lambda (last head, longest memory); heads in between are log-spaced in 1-lambda."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head (the head matmul still costs FLOPs)."""
+    init_std: float = 0.02
+    """Std of the normal init of every weight matrix; output projections use init_std / sqrt(2 n_layers)."""
+    linear_qkv_init_std: Optional[float] = None
+    """Init std of the linear layers' q/k/v projections. None: d_model^-1/2 (unit-scale features at init).
+    The output RMSNorm makes a linear layer invariant to the scale of q, k and v, so Adam's step
+    relative to |W| is ~lr / |W|: at 0.02 in a small model it scrambles the layer and MQAR stalls."""
+    max_seq_len: int = 2048
+    """Largest *global* sequence length S the model accepts (checked per forward; RoPE needs no table)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---------------------------------------------------------------- derived sizes
+    @property
+    def layer_types(self) -> str:
+        """``pattern`` repeated and truncated to ``n_layers`` characters."""
+        reps = -(-self.n_layers // max(len(self.pattern), 1))
+        return (self.pattern * reps)[: self.n_layers]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def softmax_head_dim(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def lin_heads(self) -> int:
+        return self.n_heads if self.linear_heads is None else self.linear_heads
+
+    @property
+    def lin_head_dim(self) -> int:
+        return self.d_model // self.lin_heads if self.linear_head_dim is None else self.linear_head_dim
+
+    @property
+    def linear_qkv_std(self) -> float:
+        return self.d_model ** -0.5 if self.linear_qkv_init_std is None else self.linear_qkv_init_std
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return 8 * math.ceil(self.mlp_ratio * self.d_model / 8)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError (expected / got / fix) on the first inconsistent field; return self."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                _fail(name, "a positive int", v, f"set {name} >= 1")
+        for name in ("n_kv_heads", "head_dim", "linear_heads", "linear_head_dim", "ffn_hidden"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                _fail(name, "a positive int or None", v, f"set {name} >= 1 or leave it None for the default")
+        bad = sorted(set(self.pattern) - set(LAYER_TYPES))
+        if not self.pattern or bad:
+            _fail("pattern", f"a non-empty string of {sorted(LAYER_TYPES)} (L linear, F full softmax)",
+                  self.pattern, "write the mixer of each block, e.g. 'LLLF' for 3 linear : 1 full")
+        if self.head_dim is None and self.d_model % self.n_heads != 0:
+            _fail("n_heads", f"a divisor of d_model={self.d_model} (head_dim is derived as d_model // n_heads)",
+                  self.n_heads, "choose n_heads dividing d_model, or set head_dim explicitly")
+        if self.n_heads % self.kv_heads != 0:
+            _fail("n_kv_heads", f"a divisor of n_heads={self.n_heads} (each KV head serves a group of "
+                  f"query heads)", self.n_kv_heads, "choose n_kv_heads dividing n_heads")
+        if "F" in self.layer_types and self.softmax_head_dim % 2 != 0:
+            _fail("head_dim", "an even softmax head dim (RoPE rotates pairs of channels)",
+                  self.softmax_head_dim, "choose an even head_dim (or d_model // n_heads even)")
+        if self.linear_head_dim is None and self.d_model % self.lin_heads != 0:
+            _fail("linear_heads", f"a divisor of d_model={self.d_model}", self.lin_heads,
+                  "choose linear_heads dividing d_model, or set linear_head_dim explicitly")
+        if not (0.0 < self.linear_decay_min <= self.linear_decay_max < 1.0):
+            _fail("linear_decay_min/max", "0 < linear_decay_min <= linear_decay_max < 1",
+                  (self.linear_decay_min, self.linear_decay_max),
+                  "use decays in (0, 1), e.g. min 0.6 (memory ~2 tokens) and max 0.999 (~1000 tokens)")
+        if self.linear_qkv_init_std is not None and not self.linear_qkv_init_std > 0:
+            _fail("linear_qkv_init_std", "a positive float or None", self.linear_qkv_init_std,
+                  "leave it None for d_model^-1/2")
+        if self.mlp_ratio <= 0 or self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+            _fail("mlp_ratio/norm_eps/init_std/rope_theta", "positive values",
+                  (self.mlp_ratio, self.norm_eps, self.init_std, self.rope_theta), "set them > 0")
+        return self
+
+    # ---------------------------------------------------------------- counting
+    def mixer_params(self, kind: str) -> int:
+        """Parameters of one sequence mixer of type ``kind`` ("L" or "F")."""
+        d = self.d_model
+        if kind == "F":
+            hq, hkv, hd = self.n_heads, self.kv_heads, self.softmax_head_dim
+            gate = d * hq if self.gated_attention else 0
+            return d * hq * hd + 2 * d * hkv * hd + hq * hd * d + gate  # q, k, v, o, gate
+        h, hd = self.lin_heads, self.lin_head_dim
+        return 3 * d * h * hd + h * hd * d + d * h * hd + hd  # q, k, v, o, elementwise gate, out norm
+
+    def num_params(self) -> int:
+        """Exact number of parameters of ``HybridLM(self)`` (tied embeddings counted once)."""
+        d, v = self.d_model, self.vocab_size
+        block = 2 * d + 3 * d * self.ffn_dim  # two RMSNorm gains + SwiGLU (gate, up, down)
+        total = sum(block + self.mixer_params(t) for t in self.layer_types)
+        total += v * d + d  # embedding + final norm
+        if not self.tie_embeddings:
+            total += v * d
+        return total
+
+    def flops_per_token(self, seq_len: int, linear_chunk: int = 64) -> float:
+        """Training FLOPs per token at global sequence length ``seq_len`` (one forward + backward).
+
+        Convention: train = 3 x forward (backward = 2 x forward; activation recompute not counted).
+
+        * matmuls: 6 * N, N = parameters used in a per-token matmul = all parameters except the input
+          embedding table (a lookup), but with the V x d output head counted even when tied;
+        * softmax layer forward per token: QK^T and PV cost 2·S·D each per head -> 4·S·D·Hq, halved
+          for the causal mask (causal halving applied) -> 2·S·D·Hq;
+        * linear layer forward per token, chunked form with chunk C = min(linear_chunk, S): intra-chunk
+          (QK^T ⊙ M)V costs 4·C·D and the state read/update 4·D·D per head -> 4·H·D·(C + D).
+        """
+        if seq_len <= 0:
+            raise ValueError(f"flops_per_token: expected seq_len > 0, got {seq_len}. Fix: pass the global S.")
+        n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.d_model)
+        fwd_attn = 0.0
+        for t in self.layer_types:
+            if t == "F":
+                fwd_attn += 0.5 * 4 * seq_len * self.softmax_head_dim * self.n_heads
+            else:
+                c = min(linear_chunk, seq_len)
+                fwd_attn += 4 * self.lin_heads * self.lin_head_dim * (c + self.lin_head_dim)
+        return 6.0 * n + 3.0 * fwd_attn

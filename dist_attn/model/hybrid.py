@@ -1,0 +1,204 @@
+"""The hybrid language model: embedding, a stack of (linear | softmax) attention + SwiGLU blocks, head.
+
+    model = HybridLM(cfg, cp)                          # cp = CPContext(...) or CPContext() (no CP)
+    logits = model(input_ids, position_ids)            # [B, S/P] long, [B, S/P] or [S/P] -> [B, S/P, V]
+    loss_sum, n_tokens = model.loss_sum(logits, labels)
+
+Under CP every rank holds a full replica of the parameters and a shard of each sequence (layout
+from ``cp.layout``; ``position_ids`` are the *global* positions of the shard's tokens). The global
+mean loss is ``all_reduce(loss_sum) / all_reduce(n_tokens)`` over the CP and DP ranks, so the
+trainer weighs every token equally however the labelled tokens fall on the shards.
+
+The model is a chain of stages, each mapping a tuple ``(hidden, position_ids)`` to the next, which
+:meth:`HybridLM.pipeline_layers` exposes for a DeepSpeed ``PipelineModule``; ``forward`` runs the
+same chain, so the pipelined and plain models compute the same function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dist_attn.context import CPContext
+from dist_attn.layout import check_seq_len
+from dist_attn.model.config import ModelConfig
+from dist_attn.model.layers import MIXERS, RMSNorm, SwiGLU, init_linear
+
+# torch modules known to act on each token independently (never mix across the sequence)
+POINTWISE_TORCH = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Dropout, nn.Identity, nn.SiLU, nn.GELU,
+                   nn.ReLU, nn.Sigmoid, nn.Tanh, nn.ModuleList, nn.ModuleDict, nn.Sequential)
+if hasattr(nn, "RMSNorm"):
+    POINTWISE_TORCH = POINTWISE_TORCH + (nn.RMSNorm,)
+
+
+def check_cp_awareness(model: nn.Module) -> None:
+    """Refuse any sub-module that could mix tokens without reaching the other CP ranks.
+
+    A module passes if it is a known pointwise torch module, or declares ``token_mixing = False``,
+    or declares ``token_mixing = True`` *and* ``cp_aware = True``. Anything else (a convolution over
+    the sequence, an unmarked custom layer) would silently see only this rank's shard: ValueError.
+    Purely local, so it runs before any collective and raises on every rank alike.
+    """
+    for name, mod in model.named_modules():
+        mixing = getattr(type(mod), "token_mixing", None)
+        if mixing is None and isinstance(mod, POINTWISE_TORCH):
+            continue
+        if mixing is False:
+            continue
+        if mixing is True and getattr(type(mod), "cp_aware", False):
+            continue
+        what = "mixes tokens but is not CP-aware" if mixing else "is not known to be pointwise over tokens"
+        raise ValueError(
+            f"HybridLM with context parallelism: expected every module to be pointwise over tokens or a "
+            f"CP-aware sequence mixer, got {name or 'model'!r} ({type(mod).__name__}), which {what}; under CP "
+            f"it would run on this rank's shard only. Fix: route its sequence mixing through "
+            f"dist_attn.dispatch and set `token_mixing = True; cp_aware = True` on the class, or, if it acts "
+            f"per token, set `token_mixing = False`.")
+
+
+def _ulysses_degree(cp: CPContext, strategy: str) -> int:
+    if strategy == "usp":
+        return dist.get_world_size(cp.ulysses_group) if cp.ulysses_group is not None else 1
+    return cp.world_size if strategy == "ulysses" else 1
+
+
+def check_heads_for_cp(cfg: ModelConfig, cp: CPContext) -> None:
+    """Head-sharding strategies (Ulysses, the Ulysses part of USP) split heads over U ranks."""
+    kinds = set(cfg.layer_types)
+    if "F" in kinds:
+        u = _ulysses_degree(cp, cp.softmax_strategy)
+        if u > 1 and cfg.n_heads % u != 0:
+            raise ValueError(f"HybridLM: softmax_strategy={cp.softmax_strategy!r} shards heads over {u} ranks "
+                             f"and expects n_heads divisible by {u}, got n_heads={cfg.n_heads}. Fix: choose "
+                             f"n_heads as a multiple of {u}, or use zigzag_ring / allgather.")
+        if u > 1 and cfg.kv_heads % u != 0 and u % cfg.kv_heads != 0:
+            raise ValueError(f"HybridLM: softmax_strategy={cp.softmax_strategy!r} over {u} ranks expects "
+                             f"n_kv_heads to divide or be a multiple of {u} (KV heads are split or replicated), "
+                             f"got n_kv_heads={cfg.kv_heads}. Fix: change n_kv_heads or the Ulysses degree.")
+    if "L" in kinds and cp.linear_strategy == "ulysses" and cfg.lin_heads % cp.world_size != 0:
+        raise ValueError(f"HybridLM: linear_strategy='ulysses' shards linear heads over {cp.world_size} ranks "
+                         f"and expects linear_heads divisible by {cp.world_size}, got {cfg.lin_heads}. Fix: "
+                         f"choose linear_heads as a multiple of the CP size, or use linear_strategy='lasp2'.")
+
+
+class EmbeddingStage(nn.Module):
+    """``(input_ids [B, S/P] long, position_ids) -> (hidden [B, S/P, d], position_ids)``."""
+    token_mixing = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+
+    def forward(self, inputs):
+        input_ids, position_ids = inputs
+        return self.tok(input_ids), position_ids
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h += mixer(norm(h)); h += mlp(norm(h)). Tuple in, tuple out."""
+    token_mixing = False  # the mixer is a sub-module and is checked on its own
+
+    def __init__(self, cfg: ModelConfig, kind: str, cp: CPContext, mixers: dict):
+        super().__init__()
+        self.kind = kind
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = mixers[kind](cfg, cp)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, inputs):
+        h, position_ids = inputs
+        h = h + self.mixer(self.norm1(h), position_ids)
+        h = h + self.mlp(self.norm2(h))
+        return h, position_ids
+
+
+class HeadStage(nn.Module):
+    """``(hidden, position_ids) -> logits [B, S/P, V]`` (final RMSNorm + output projection)."""
+    token_mixing = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, inputs):
+        h, _ = inputs
+        return self.out(self.norm(h))
+
+
+class HybridLM(nn.Module):
+    """Decoder-only hybrid LM. ``MIXERS`` maps pattern letters to mixer classes (tests override it)."""
+    MIXERS = MIXERS
+    token_mixing = False  # a container: its blocks' mixers are checked one by one
+
+    def __init__(self, cfg: ModelConfig, cp: CPContext = CPContext()):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.cp = cp
+        self.embed = EmbeddingStage(cfg)
+        self.blocks = nn.ModuleList([Block(cfg, t, cp, self.MIXERS) for t in cfg.layer_types])
+        self.head = HeadStage(cfg)
+        # init in module order from the global RNG: torch.manual_seed(s) fixes every parameter
+        self.apply(lambda m: init_linear(m, cfg.init_std, cfg.n_layers))
+        if cfg.tie_embeddings:
+            self.head.out.weight = self.embed.tok.weight
+        self._cp_checked = False
+        if cp.enabled:
+            self._check_cp()
+
+    def _check_cp(self) -> None:
+        check_heads_for_cp(self.cfg, self.cp)
+        check_cp_awareness(self)
+        self._cp_checked = True
+
+    def pipeline_layers(self) -> list:
+        """``[embedding stage, block_0, ..., block_{n-1}, head stage]``; each maps a tuple
+        ``(hidden, position_ids)`` to the next (the first takes ``(input_ids, position_ids)``, the
+        last returns logits). Shared modules, not copies. With ``tie_embeddings`` the first and last
+        stage share one weight: a pipeline that puts them on different stages must tie them itself."""
+        return [self.embed, *self.blocks, self.head]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids [B, S/P]`` long, ``position_ids [B, S/P]`` or ``[S/P]`` (global positions)
+        -> logits ``[B, S/P, V]``."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"HybridLM.forward: expected input_ids of shape [B, S/P], got "
+                             f"{tuple(input_ids.shape)}. Fix: add the batch dimension.")
+        if position_ids.shape[-1] != input_ids.shape[1] or position_ids.dim() not in (1, 2):
+            raise ValueError(f"HybridLM.forward: expected position_ids [B, S/P] or [S/P] matching input_ids "
+                             f"{tuple(input_ids.shape)}, got {tuple(position_ids.shape)}. Fix: take them from "
+                             f"dist_attn.data.sharding.shard_batch (global positions of this shard).")
+        p = self.cp.world_size
+        s_global = input_ids.shape[1] * p
+        if s_global > self.cfg.max_seq_len:
+            raise ValueError(f"HybridLM.forward: expected a global sequence length <= max_seq_len="
+                             f"{self.cfg.max_seq_len}, got {s_global}. Fix: raise model.max_seq_len.")
+        if p > 1:
+            if not self._cp_checked:  # modules may have been swapped after construction
+                self._check_cp()
+            check_seq_len(s_global, p, self.cp.layout, "HybridLM.forward")
+        x = (input_ids, position_ids)
+        for stage in self.pipeline_layers():
+            x = stage(x)
+        return x
+
+    @staticmethod
+    def loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+        """Summed next-token cross-entropy over the labelled tokens of this shard.
+
+        ``logits [B, S/P, V]``, ``labels [B, S/P]`` (already shifted: labels[t] is the token after
+        position t, see :mod:`dist_attn.data.sharding`) -> ``(loss_sum fp32 scalar, n_tokens long
+        scalar)``. Summing both over CP and DP ranks and dividing gives the global per-token mean.
+        """
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(f"HybridLM.loss_sum: expected labels of shape {tuple(logits.shape[:-1])}, got "
+                             f"{tuple(labels.shape)}. Fix: shard labels with the same layout as input_ids.")
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=ignore_index, reduction="sum")
+        return loss, (labels != ignore_index).sum()
+
+    def num_params(self) -> int:
+        """Number of distinct parameters (tied weights counted once); equals ``cfg.num_params()``."""
+        return sum(p.numel() for p in self.parameters())
