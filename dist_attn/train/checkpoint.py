@@ -1,0 +1,144 @@
+"""Atomic checkpoints and resume.
+
+The heavy state (model, optimizer incl. ZeRO partitions, LR schedule) is written by the backend's
+own ``save``/``load`` (DeepSpeed ``save_checkpoint``/``load_checkpoint``). This module adds what
+makes a checkpoint *complete or ignored*::
+
+    checkpoints/.tmp-step_00000100/   every rank writes here (backend files, rng_rank<r>.pt)
+    checkpoints/step_00000100/        rank 0 renames the temp dir after a barrier: the commit
+        COMPLETE                      written before the rename; trainer_state.json beside it
+
+A directory named ``step_*`` therefore exists only once every rank has finished writing; a crash
+leaves a ``.tmp-*`` directory that is never loaded and is removed by the next run. The checkpoint
+directory must be on a file system every rank sees (as DeepSpeed assumes).
+
+The data position is the step: every batch is a function of (seed, step), so nothing else about
+the data stream needs saving. RNG states (python, numpy, torch CPU and CUDA) are saved per rank.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+STATE = "trainer_state.json"
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.basename(path.rstrip("/")).startswith("step_") and os.path.isfile(os.path.join(path, MARKER))
+
+
+def complete_checkpoints(root: str) -> list[str]:
+    """Complete checkpoints under ``root`` (a checkpoints/ directory), oldest step first."""
+    return sorted(p for p in glob.glob(os.path.join(root, "step_*")) if is_complete(p))
+
+
+def find_resume(resume: Optional[str], out_dir: str, run_dir: str) -> Optional[str]:
+    """The checkpoint to load for ``trainer.resume``: None, 'auto' or a path.
+
+    'auto': the newest complete checkpoint of this run directory, else the most recently committed
+    one of any run under ``out_dir``; None if there is none (a fresh start). A path may name a
+    ``step_*`` checkpoint, a ``checkpoints/`` directory or a run directory (its newest checkpoint).
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        own = complete_checkpoints(os.path.join(run_dir, "checkpoints"))
+        if own:
+            return own[-1]
+        every = glob.glob(os.path.join(out_dir, "*", "checkpoints", "step_*"))
+        every = [p for p in every if is_complete(p)]
+        return max(every, key=lambda p: os.path.getmtime(os.path.join(p, MARKER))) if every else None
+    if is_complete(resume):
+        return resume
+    for root in (resume, os.path.join(resume, "checkpoints")):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise ValueError(f"trainer.resume: expected a complete checkpoint (a step_* directory holding {MARKER}) "
+                     f"or a directory containing some, got {resume!r}. Fix: point it at <run>/checkpoints/"
+                     f"step_N, at the run directory, or use trainer.resume=auto.")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Save and load through ``backend`` (an object with collective ``save(path, client_state)`` and
+    ``load(path) -> client_state``). ``layout`` (sizes that change the saved partitioning) is stored
+    and compared on load."""
+
+    def __init__(self, run_dir: str, backend, layout: dict, keep: int = 2):
+        self.root = os.path.join(run_dir, "checkpoints")
+        self.backend, self.layout, self.keep = backend, layout, keep
+        self.rank = dist.get_rank()
+        if self.rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            for stale in glob.glob(os.path.join(self.root, ".tmp-step_*")):
+                shutil.rmtree(stale, ignore_errors=True)  # an interrupted save: never complete
+        dist.barrier()
+
+    def save(self, step: int, extra: dict | None = None) -> str:
+        """Collective. Returns the committed directory."""
+        final = step_dir(self.root, step)
+        tmp = os.path.join(self.root, f".tmp-{os.path.basename(final)}")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        self.backend.save(tmp, {"step": step})
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        dist.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            with open(os.path.join(tmp, STATE), "w") as f:
+                json.dump(dict(step=step, layout=self.layout, **(extra or {})), f, indent=1)
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                f.write(f"{step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)  # the commit: atomic on a POSIX file system
+            for old in complete_checkpoints(self.root)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+    def load(self, path: str) -> int:
+        """Collective. Restores the backend state and this rank's RNG; returns the step to continue at."""
+        with open(os.path.join(path, STATE)) as f:
+            state = json.load(f)
+        if state.get("layout") != self.layout:
+            raise ValueError(f"checkpoint {path}: expected a checkpoint written with {self.layout}, got "
+                             f"{state.get('layout')}. Fix: resume with the same parallel sizes, ZeRO stage "
+                             f"and model, or start a fresh run (trainer.resume=null).")
+        client = self.backend.load(path)
+        step = int(client.get("step", state["step"]))
+        rng = os.path.join(path, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng):
+            set_rng_state(torch.load(rng, weights_only=False))
+        return step

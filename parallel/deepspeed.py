@@ -1,0 +1,259 @@
+"""The one DeepSpeed adapter: engine construction, a training step, checkpoint save/load.
+
+Nothing else in the project imports ``deepspeed``. The trainer sees :class:`DeepSpeedBackend` only.
+
+How DP x CP reaches DeepSpeed. Every rank of a pipeline stage holds a full parameter replica, so
+the group DeepSpeed must reduce gradients over (and ZeRO partition over) is DP x CP:
+
+* no pipeline: the CP group is handed over as DeepSpeed's *sequence-parallel* group through an
+  ``mpu`` (:class:`_SequenceParallelMpu`). ZeRO 0-2 then all-reduce over DP x CP and divide by DP:
+  the CP ranks' partial gradients are summed, the replicas averaged. ZeRO-3 needs two fixes, as
+  DeepSpeed 0.19.8 converts an existing module over ``mpu.get_data_parallel_group()`` (DP only:
+  CP ranks would neither partition nor reduce) and its reduce-scatter divides by the whole group:
+  we convert the module over DP x CP ourselves (``zero.Init(module=...)``) and expect DP x CP.
+* pipeline: the ``PipelineModule`` topology is ``pipe x data`` with ``data = DP x CP``; DeepSpeed
+  divides by DP x CP.
+
+:attr:`DeepSpeedBackend.grad_divisor` is that divisor. The trainer scales each rank's summed loss by
+``grad_divisor * grad_accum / N`` (N = labelled tokens of the global batch), so the reduced
+gradient is that of the global per-token mean, however the labels fall on ranks and micro-steps.
+
+CPU. DeepSpeed 0.19.8 picks its CPU accelerator when no GPU is visible (``DS_ACCELERATOR=cpu`` is
+set here to skip the probing) and uses gloo unless oneCCL bindings are installed; ZeRO 0-3, bf16
+and pipelines run on CPU with a torch ``AdamW`` passed as client optimizer
+(``zero_allow_untested_optimizer``). The JIT-compiled shared-memory op is switched off (below).
+
+Gradient norm. For ZeRO 0 in fp32 DeepSpeed clips with its own ``clip_grad_norm_``, which drops
+the norm and, under a pipeline, counts only the first stage's parameters. There we disable its
+clipping and clip in a pre-step hook of the optimizer with torch's ``get_total_norm`` (summed over
+the stages) and ``clip_grads_with_norm_``, recording the norm where the engine reads it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+if "DS_ACCELERATOR" not in os.environ:
+    os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+import deepspeed  # noqa: E402
+from deepspeed.pipe import PipelineModule  # noqa: E402
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology  # noqa: E402
+
+deepspeed.utils.logger.setLevel(logging.ERROR)
+# DeepSpeed JIT-compiles a shared-memory all-reduce op (C++, needs a compiler) when it wraps a CPU
+# process group; only its *inference* all-reduce uses it, so training never needs it: mark it
+# unavailable and DeepSpeed uses the plain torch.distributed collectives.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+CKPT_TAG = "ds"
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU). A plain
+    ``python -m launchers.train`` gets a world of one on a free local port."""
+    if dist.is_available() and dist.is_initialized():  # e.g. the test harness made the group
+        # DeepSpeed insists on the launcher's env; a group made without a launcher is one node
+        for key, value in (("RANK", dist.get_rank()), ("WORLD_SIZE", dist.get_world_size()),
+                           ("LOCAL_RANK", dist.get_rank())):
+            os.environ.setdefault(key, str(value))
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
+    from datetime import timedelta
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+
+
+class _SequenceParallelMpu:
+    """DeepSpeed's ``mpu`` protocol: data = DP, sequence = CP, sequence-data = DP x CP, no tensor
+    parallelism (a group of this rank alone, so DeepSpeed's norm all-reduces are no-ops)."""
+
+    def __init__(self, groups, self_group):
+        self.g, self.self_group = groups, self_group
+
+    def get_data_parallel_group(self):
+        return self.g.dp_group
+
+    def get_data_parallel_rank(self):
+        return self.g.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self.g.dims.dp
+
+    def get_sequence_parallel_group(self):
+        return self.g.cp_group if self.g.cp_group is not None else self.self_group
+
+    def get_sequence_parallel_rank(self):
+        return self.g.cp_rank
+
+    def get_sequence_parallel_world_size(self):
+        return self.g.dims.cp
+
+    def get_sequence_data_parallel_group(self):
+        return self.g.replica_group
+
+    def get_sequence_data_parallel_rank(self):
+        return dist.get_rank(self.g.replica_group)
+
+    def get_sequence_data_parallel_world_size(self):
+        return self.g.dims.dp * self.g.dims.cp
+
+    def get_model_parallel_group(self):
+        return self.self_group
+
+    def get_model_parallel_rank(self):
+        return 0
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+
+def _self_group():
+    """A process group holding only this rank (collective: every rank creates every one)."""
+    mine = None
+    for r in range(dist.get_world_size()):
+        g = dist.new_group([r])
+        if r == dist.get_rank():
+            mine = g
+    return mine
+
+
+def ds_config(cfg, plain_fp32_zero0: bool) -> dict:
+    """The DeepSpeed JSON config of a :class:`~dist_attn.train.config.TrainConfig`."""
+    t, b = cfg.trainer, cfg.backend
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": 0.0 if plain_fp32_zero0 else b.grad_clip,
+        "zero_optimization": {"stage": b.zero_stage},
+        "bf16": {"enabled": b.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        # lr(t) = lr * t / warmup for t < warmup, then cosine from lr down to min_lr at the last step
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr / t.lr}},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedBackend:
+    """A DeepSpeed engine (plain or pipelined) behind the trainer's small interface.
+
+    ``model`` is a :class:`~dist_attn.model.hybrid.HybridLM` built with this rank's CP context;
+    ``groups`` the :class:`~dist_attn.train.groups.TrainGroups` of the job.
+    """
+
+    def __init__(self, model, cfg, groups):
+        self.cfg, self.groups = cfg, groups
+        self.pipeline = groups.dims.pp > 1
+        b = cfg.backend
+        self._norm_hook = b.zero_stage == 0 and b.precision == "fp32"
+        self._loss_fn: Callable | None = None
+        t = cfg.trainer
+        if self.pipeline:
+            topo = PipeDataParallelTopology(num_pp=groups.dims.pp, num_dp=groups.dims.dp * groups.dims.cp)
+            module = PipelineModule(layers=model.pipeline_layers(), topology=topo,
+                                    loss_fn=self._pipe_loss, partition_method="parameters")
+            mpu = None
+            self.grad_divisor = groups.dims.dp * groups.dims.cp
+        else:
+            module, mpu = model, _SequenceParallelMpu(groups, _self_group())
+            self.grad_divisor = groups.dims.dp
+        config = ds_config(cfg, self._norm_hook)
+        if b.zero_stage == 3 and not self.pipeline:
+            # DeepSpeed converts a module to ZeRO-3 parameters over mpu.get_data_parallel_group(),
+            # i.e. DP without CP; convert it ourselves over DP x CP. Its ZeRO-3 reduce-scatter then
+            # averages over all DP x CP ranks (it does not apply the sequence-parallel factor there).
+            deepspeed.zero.Init(module=module, data_parallel_group=groups.replica_group,
+                                config_dict_or_path=config, mpu=mpu)
+            self.grad_divisor = groups.dims.dp * groups.dims.cp
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=opt, config=config, mpu=mpu)
+        if self._norm_hook:
+            clip = b.grad_clip
+            pipe_group = self.engine.grid.get_pipe_parallel_group() if self.pipeline else None
+
+            def _clip_and_record(optimizer, *_):
+                params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                # ||g||^2 of the whole model = sum over pipeline stages of this stage's ||g||^2;
+                # gradients are already reduced over DP x CP, so no other group enters
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                if pipe_group is not None:
+                    sq = norm.pow(2)
+                    dist.all_reduce(sq, group=pipe_group)
+                    norm = sq.sqrt()
+                if clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+                optimizer._global_grad_norm = float(norm)  # where the engine reads the norm from
+            opt.register_step_pre_hook(_clip_and_record)
+
+    # ------------------------------------------------------------------ stepping
+    @property
+    def is_last_stage(self) -> bool:
+        return not self.pipeline or self.engine.is_last_stage()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _pipe_loss(self, logits, labels):
+        return self._loss_fn(logits, labels)
+
+    def train_step(self, micro_batches: Iterable, loss_fn: Callable, before_backward: Callable | None = None):
+        """One optimizer step over this rank's ``micro_batches`` (``grad_accum`` tuples
+        ``(input_ids, labels, position_ids)``). ``loss_fn(logits, labels)`` returns the scalar to
+        backpropagate (it runs on the last pipeline stage only). ``before_backward(loss)`` runs on
+        every rank before each backward without pipelining (a collective finiteness check)."""
+        self._loss_fn = loss_fn
+        if self.pipeline:
+            it = iter([((ids, pos), labels) for ids, labels, pos in micro_batches])
+            self.engine.train_batch(data_iter=it)
+            return
+        for ids, labels, pos in micro_batches:
+            logits = self.engine(ids, pos)
+            loss = loss_fn(logits, labels)
+            if before_backward is not None:
+                before_backward(loss)
+            self.engine.backward(loss)
+            self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> float:
+        """Global gradient norm of the last step before clipping (nan if the engine kept none)."""
+        n = self.engine.get_global_grad_norm()
+        return float("nan") if n is None else float(n)
+
+    @property
+    def global_steps(self) -> int:
+        return int(self.engine.global_steps)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str, client_state: dict) -> None:
+        """Collective: model, optimizer (ZeRO partitions), LR schedule and ``client_state``."""
+        self.engine.save_checkpoint(path, tag=CKPT_TAG, client_state=client_state, save_latest=False)
+
+    def load(self, path: str) -> dict:
+        """Collective: restore what :meth:`save` wrote; returns the client state."""
+        load_path, client_state = self.engine.load_checkpoint(
+            path, tag=CKPT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ValueError(f"checkpoint {path}: expected a DeepSpeed checkpoint under tag {CKPT_TAG!r}, got "
+                             f"none. Fix: pass a directory written by this trainer (checkpoints/step_*)")
+        return client_state or {}
