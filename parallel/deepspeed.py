@@ -38,6 +38,9 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+# DeepSpeed probes the C compiler (libaio etc.) at import through setuptools' distutils loggers,
+# which Hydra's INFO root logger would print: not our user's concern.
+logging.getLogger("compilers").setLevel(logging.WARNING)
 if "DS_ACCELERATOR" not in os.environ:
     os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
 import deepspeed  # noqa: E402
