@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import queue as queue_mod
 import statistics
 import tempfile
 import time
@@ -55,7 +56,18 @@ def launch(fn, nproc: int, *args):
                  for r in range(nproc)]
         for p in procs:
             p.start()
-        results = dict(q.get() for _ in range(nproc))
+        results: dict = {}
+        while len(results) < nproc:  # a child that dies without reporting must not hang us
+            try:
+                rank, res = q.get(timeout=1.0)
+                results[rank] = res
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    for p in procs:
+                        p.kill()
+                    raise RuntimeError(f"benchmark ranks {dead} died (exit codes "
+                                       f"{[procs[r].exitcode for r in dead]}); see their output above")
         for p in procs:
             p.join()
     return results[0]

@@ -66,7 +66,7 @@ def test_hydra_rejects_unknown_keys_and_types(override, match):
     (["parallel.cp=4", "data.seq_len=60"], 4, "multiple of 8"),
     (["parallel.cp=4", "parallel.layout=contiguous", "data.seq_len=66"], 4, "multiple of 4"),
     (["data.seq_len=8192"], 1, "max_seq_len"),
-    (["model.head_dim=16"], 1, "head_dim"),
+    (["model.head_dim=192"], 1, "head_dim"),
     (["backend.name=megatron"], 1, "later issue"),
     (["parallel=pipeline", "backend.zero_stage=3"], 2, "zero_stage"),
     (["parallel=pipeline", "model.tie_embeddings=true"], 2, "tie_embeddings"),

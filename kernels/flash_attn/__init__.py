@@ -1,7 +1,7 @@
 """Softmax attention with log-sum-exp: ``flash_attn`` and the kernel object strategies consume.
 
 Layout ``[B, S, H, D]``: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` with Hq a multiple of Hkv
-(GQA/MQA), D in {32, 64, 96, 128}. ``lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`` over the
+(GQA/MQA), any head dim D (Triton: D <= 128, padded to a power of two inside the kernel). ``lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`` over the
 visible keys (fp32, or fp64 for fp64 inputs on the torch backend). Causal masking uses global
 positions: query ``q_offset + i`` sees key ``k_offset + j`` iff ``k_offset + j <= q_offset + i``; a
 row that sees no key gets out 0 and lse -inf, and zero (never NaN) gradients.

@@ -28,13 +28,12 @@ from __future__ import annotations
 import torch
 
 TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-HEAD_DIMS = (32, 64, 96, 128)
 _MAX_TILE_ELEMS = 1 << 20  # cap on B * Hq * block * block for one score tile (4 MiB in fp32)
 
 
-def check_inputs(op: str, q, k, v, dtypes=TORCH_DTYPES) -> None:
+def check_inputs(op: str, q, k, v, dtypes=TORCH_DTYPES, max_head_dim: int | None = None) -> None:
     """Raise ``ValueError`` (expected / got / fix) unless q ``[B,Sq,Hq,D]``, k and v ``[B,Sk,Hkv,D]``
-    form a valid attention call with Hq a multiple of Hkv, D in :data:`HEAD_DIMS`, one dtype from
+    form a valid attention call with Hq a multiple of Hkv, 1 <= D (<= ``max_head_dim``), one dtype from
     ``dtypes`` and one device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -52,9 +51,9 @@ def check_inputs(op: str, q, k, v, dtypes=TORCH_DTYPES) -> None:
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"{op}: query heads expected to be a multiple of KV heads, got Hq={hq}, "
                          f"Hkv={hkv}. Fix: choose Hkv dividing Hq (GQA/MQA).")
-    if q.shape[3] not in HEAD_DIMS:
-        raise ValueError(f"{op}: head dim expected one of {HEAD_DIMS}, got {q.shape[3]}. "
-                         f"Fix: pad the head dim to a supported size.")
+    if q.shape[3] < 1 or (max_head_dim is not None and q.shape[3] > max_head_dim):
+        raise ValueError(f"{op}: head dim expected between 1 and {max_head_dim}, got {q.shape[3]}. "
+                         f"Fix: use backend='torch' or split the head dim.")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
         raise ValueError(f"{op}: q, k, v expected one dtype from {[str(d) for d in dtypes]}, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}. Fix: cast all three, e.g. q.to(torch.bfloat16).")

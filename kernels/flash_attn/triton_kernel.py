@@ -23,6 +23,8 @@ from kernels.flash_attn.triton_fwd import _attn_fwd
 from kernels.interface import triton_interpreting
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Head dims are padded to a power of two (>= 16) inside the kernels; tiles are sized for D <= 128.
+MAX_HEAD_DIM = 128
 
 
 def _strides(t: torch.Tensor):
@@ -79,7 +81,7 @@ def _scale(q, softmax_scale):
 
 def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
     """Flash-attention forward on Triton. Returns ``out [B,Sq,Hq,D]`` (q.dtype) and ``lse`` fp32 ``[B,Hq,Sq]``."""
-    check_inputs("flash_attn(triton).fwd", q, k, v, TRITON_DTYPES)
+    check_inputs("flash_attn(triton).fwd", q, k, v, TRITON_DTYPES, MAX_HEAD_DIM)
     _check_int32_offsets("flash_attn(triton).fwd", q, k, v)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -102,7 +104,7 @@ def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0
     ``dlse`` ``[B,Hq,Sq]`` is the gradient flowing into ``lse`` (None means zero); it enters only
     through delta = rowsum(dout * out) - dlse. Returns ``dq, dk, dv`` in the input dtypes.
     """
-    check_inputs("flash_attn(triton).bwd", q, k, v, TRITON_DTYPES)
+    check_inputs("flash_attn(triton).bwd", q, k, v, TRITON_DTYPES, MAX_HEAD_DIM)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     if dout.shape != q.shape or out.shape != q.shape or tuple(lse.shape) != (b, hq, sq):
