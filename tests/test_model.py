@@ -303,3 +303,25 @@ def test_cp_matches_single_process(combo):
     for name, g in ref_grads.items():
         assert_close(f"{combo[0]} grad {name}", g, torch.from_numpy(grads[name]))
     assert all(res["refusal"][0] == "ok" and "not CP-aware" in res["refusal"][1] for res in results)
+
+
+def test_linear_decay_stays_exact_when_the_module_is_cast_to_bf16():
+    # DeepSpeed casts buffers with the module; lambda^(L) over a long chunk is sensitive to g's rounding
+    from unittest import mock
+
+    from dist_attn.context import CPContext
+    from dist_attn.model.config import ModelConfig
+    from dist_attn.model.layers import LinearAttention, decay_schedule
+    cfg = ModelConfig(vocab_size=32, d_model=64, n_layers=1, pattern="L", n_heads=4, head_dim=16)
+    lin = LinearAttention(cfg, CPContext()).to(torch.bfloat16)
+    assert lin.log_decay.dtype == torch.bfloat16
+    seen = {}
+
+    def spy(q, k, v, *, cp, decay, scale):
+        seen["decay"] = decay
+        return torch.zeros_like(v)
+
+    with mock.patch("dist_attn.model.layers.dispatch.linear_attention", spy):
+        lin(torch.randn(1, 8, 64, dtype=torch.bfloat16), torch.arange(8))
+    exact = decay_schedule(lin.h, cfg.linear_decay_min, cfg.linear_decay_max)
+    assert seen["decay"].dtype == torch.float32 and torch.equal(seen["decay"], exact)

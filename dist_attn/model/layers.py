@@ -156,15 +156,17 @@ class LinearAttention(nn.Module):
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             proj.init_std = cfg.linear_qkv_std
         # not persistent: a function of the config, so checkpoints do not pin the schedule
-        self.register_buffer("log_decay", decay_schedule(self.h, cfg.linear_decay_min, cfg.linear_decay_max),
-                             persistent=False)
+        self._decay_range = (cfg.linear_decay_min, cfg.linear_decay_max)
+        self.register_buffer("log_decay", decay_schedule(self.h, *self._decay_range), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = F.silu(self.q_proj(x)).view(b, s, self.h, self.hd)
         k = F.silu(self.k_proj(x)).view(b, s, self.h, self.hd)
         v = self.v_proj(x).view(b, s, self.h, self.hd)
-        decay = self.log_decay.float()  # [H], <= 0 (rounded to bf16 if the module was cast; harmless: fixed)
+        decay = self.log_decay  # [H], <= 0
+        if decay.dtype != torch.float32:  # module cast to bf16 (e.g. by DeepSpeed): rebuild the exact values
+            decay = decay_schedule(self.h, *self._decay_range).to(decay.device)
         o = dispatch.linear_attention(q, k, v, cp=self.cp, decay=decay, scale=self.hd ** -0.5)
         o = self.out_norm(o).reshape(b, s, self.h * self.hd)  # RMSNorm over D, per head
         return self.o_proj(o * torch.sigmoid(self.gate(x)))
