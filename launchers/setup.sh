@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a virtual environment for dist_attn in ./.venv (idempotent).
-#   bash launchers/setup.sh          # runtime + DeepSpeed backend
+#   bash launchers/setup.sh          # runtime + DeepSpeed and megatron-core backends
 #   bash launchers/setup.sh dev      # + test dependencies
 # On a machine without an NVIDIA GPU, torch and triton are pinned through constraints-cpu.txt so the
 # local CPU build of torch 2.13.0 is used and no CUDA wheels are pulled. On a GPU machine the torch
@@ -8,8 +8,8 @@
 # DIST_ATTN_PYTHON to an interpreter that has your torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="deepspeed"
-[ "${1:-}" = "dev" ] && extras="deepspeed,dev"
+extras="deepspeed,megatron"
+[ "${1:-}" = "dev" ] && extras="deepspeed,megatron,dev"
 
 py="${DIST_ATTN_PYTHON:-}"
 if [ -z "$py" ]; then

@@ -1,0 +1,280 @@
+"""Layers of the megatron-core backend: this project's sequence mixers inside megatron's GPTModel.
+
+Part of the megatron adapter (:mod:`parallel.megatron`); nothing outside ``parallel/`` imports it.
+
+What is megatron's and what is ours. Megatron's ``GPTModel`` keeps its embedding, its
+``TransformerBlock`` of ``TransformerLayer`` s (pre-norm residual blocks, bias-dropout-add), its
+SwiGLU ``MLP`` and its vocab-parallel output layer and cross entropy. The ``self_attention`` slot of
+each layer holds one of our two mixers, chosen by the layer's *global* number from
+``ModelConfig.layer_types`` (so a pipeline stage or virtual stage builds the types of the layers it
+owns). Megatron's own ``SelfAttention`` does not fit: its output gate is elementwise where ours is
+one scalar per head, its RoPE assumes its own zigzag slicing of the sequence, and its CP needs
+TransformerEngine. The norms are this project's ``RMSNorm`` so that the function is exactly
+:class:`~dist_attn.model.hybrid.HybridLM`'s.
+
+Layouts (legend). Megatron's activations are ``[s, b, h]``: s = S/P local tokens (P = CP size),
+b micro-batch, h = d_model. Ours are ``[B, S/P, H, D]``. The conversion happens at the attention
+core: ``[s, b, H/T, D] -> transpose(0, 1) -> [b, s, H/T, D]``. Tensor parallelism (T ranks) splits
+heads: a rank holds heads ``[t·H/T, (t+1)·H/T)`` of every projection, so our attention sees H/T
+local heads, and the linear layers' per-head decay buffer is sliced the same way.
+
+Fused projections. Each mixer has one column-parallel input projection whose rows are grouped so
+that a contiguous split over T ranks gives whole groups (the checkpoint is TP-reshardable, like
+megatron's grouped ``linear_qkv``):
+
+* softmax, per KV group g (Hkv groups of r = Hq/Hkv query heads):
+  ``[q heads of g (r·D rows) | k_g (D) | v_g (D) | gate of g's query heads (r rows, if gated)]``;
+* linear, per head: ``[q_h (D) | k_h (D) | v_h (D) | gate_h (D)]``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected, we use neither
+    warnings.simplefilter("ignore")
+    from megatron.core import tensor_parallel
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import (TransformerLayer, TransformerLayerSubmodules,
+                                                             get_transformer_layer_offset)
+
+from dist_attn import dispatch  # noqa: E402
+from dist_attn.context import CPContext  # noqa: E402
+from dist_attn.layout import position_ids  # noqa: E402
+from dist_attn.model.config import ModelConfig  # noqa: E402
+from dist_attn.model.layers import RMSNorm, apply_rope, decay_schedule  # noqa: E402
+
+
+class MegatronRMSNorm(RMSNorm):
+    """This project's RMSNorm with the constructor megatron's ``build_module`` calls."""
+
+    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6):
+        super().__init__(hidden_size, eps)
+
+
+def _tp(pg_collection) -> tuple[int, int]:
+    g = pg_collection.tp
+    return g.size(), g.rank()
+
+
+class _Mixer(MegatronModule):
+    """Shared by both mixers: the CP context, TP coordinates and the global positions of the shard."""
+    token_mixing = True
+    cp_aware = True  # attention goes through dist_attn.dispatch only
+
+    def __init__(self, config, model_cfg: ModelConfig, cp: CPContext, layer_number: int, kind: str,
+                 pg_collection):
+        super().__init__(config=config)
+        # megatron numbers layers from 1 over the whole model (pipeline offset included)
+        assert model_cfg.layer_types[layer_number - 1] == kind, \
+            f"layer {layer_number} built as {kind!r}, pattern says {model_cfg.layer_types[layer_number - 1]!r}"
+        self.model_cfg, self.cp, self.layer_number = model_cfg, cp, layer_number
+        self.tp_group = pg_collection.tp
+        self.tp_size, self.tp_rank = _tp(pg_collection)
+        self._pos: dict = {}
+
+    def _positions(self, s_local: int, device) -> torch.Tensor:
+        """Global positions ``[S/P]`` of this rank's tokens: a function of the CP layout only, equal
+        to what :func:`dist_attn.data.sharding.shard_batch` hands to HybridLM."""
+        key = (s_local, str(device))
+        if key not in self._pos:
+            p = self.cp.world_size
+            self._pos[key] = position_ids(s_local * p, self.cp.rank, p, self.cp.layout, device=device)
+        return self._pos[key]
+
+    def _column(self, out_features: int):
+        return tensor_parallel.ColumnParallelLinear(
+            self.config.hidden_size, out_features, config=self.config, init_method=self.config.init_method,
+            bias=False, gather_output=False, tp_group=self.tp_group)
+
+    def _row(self, in_features: int):
+        return tensor_parallel.RowParallelLinear(
+            in_features, self.config.hidden_size, config=self.config,
+            init_method=self.config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, tp_group=self.tp_group)
+
+
+class SoftmaxMixer(_Mixer):
+    """Gated GQA softmax attention with RoPE (HybridLM's ``SoftmaxAttention``) on megatron layouts.
+
+    ``[s, b, d] -> linear_qkvg -> q [b, s, Hq/T, D], k/v [b, s, Hkv/T, D]`` -> RoPE at global
+    positions -> ``dispatch.softmax_attention`` (the configured CP strategy) -> head-wise gate
+    ``o_h · sigmoid(x w_h)`` -> ``[s, b, Hq/T·D] -> linear_proj`` (row-parallel, sums over T).
+    """
+
+    def __init__(self, config, model_cfg: ModelConfig, cp: CPContext, layer_number: int = 1,
+                 pg_collection=None, **_megatron_kwargs):
+        super().__init__(config, model_cfg, cp, layer_number, "F", pg_collection)
+        m = model_cfg
+        self.hd, self.r = m.softmax_head_dim, m.n_heads // m.kv_heads
+        self.groups = m.kv_heads // self.tp_size        # local KV groups
+        self.hq = self.groups * self.r                  # local query heads
+        self.gated = m.gated_attention
+        per_group = (self.r + 2) * self.hd + (self.r if self.gated else 0)
+        self.linear_qkvg = self._column(m.kv_heads * per_group)
+        self.linear_proj = self._row(m.n_heads * self.hd)
+
+    def forward(self, hidden_states, attention_mask=None, **_unused):
+        s, b, _ = hidden_states.shape
+        mixed, _ = self.linear_qkvg(hidden_states)       # [s, b, G·per_group]
+        mixed = mixed.view(s, b, self.groups, -1)
+        sizes = [self.r * self.hd, self.hd, self.hd] + ([self.r] if self.gated else [])
+        parts = torch.split(mixed, sizes, dim=-1)
+        q = parts[0].reshape(s, b, self.hq, self.hd).transpose(0, 1)   # [b, s, Hq/T, D]
+        k, v = parts[1].transpose(0, 1), parts[2].transpose(0, 1)       # [b, s, Hkv/T, D]
+        pos = self._positions(s, hidden_states.device)
+        theta = self.model_cfg.rope_theta
+        q, k = apply_rope(q, pos, theta).contiguous(), apply_rope(k, pos, theta).contiguous()
+        o = dispatch.softmax_attention(q, k, v.contiguous(), cp=self.cp, causal=True)  # [b, s, Hq/T, D]
+        if self.gated:
+            gate = parts[3].reshape(s, b, self.hq).transpose(0, 1)          # [b, s, Hq/T]
+            o = o * torch.sigmoid(gate).unsqueeze(-1)                        # one scalar per head
+        o = o.transpose(0, 1).reshape(s, b, self.hq * self.hd)              # [s, b, Hq/T·D]
+        return self.linear_proj(o)                                          # (out [s, b, d], None)
+
+
+class LinearMixer(_Mixer):
+    """Decayed linear attention (HybridLM's ``LinearAttention``) on megatron layouts.
+
+    ``[s, b, d] -> linear_qkvg -> silu(q), silu(k), v [b, s, H/T, D]`` ->
+    ``dispatch.linear_attention`` with this rank's slice of the per-head decay -> RMSNorm over D ->
+    elementwise gate -> ``linear_proj``. The output norm's gain (D values shared by all heads) is
+    replicated over T while each rank normalises different heads, so its gradient is partial per
+    rank: it enters the graph through megatron's ``copy_to_tensor_model_parallel_region`` (identity
+    forward, all-reduce over T backward), which makes the replicas' gradients equal and complete.
+    """
+
+    def __init__(self, config, model_cfg: ModelConfig, cp: CPContext, layer_number: int = 1,
+                 pg_collection=None, **_megatron_kwargs):
+        super().__init__(config, model_cfg, cp, layer_number, "L", pg_collection)
+        m = model_cfg
+        self.hd, self.h = m.lin_head_dim, m.lin_heads // self.tp_size
+        self.linear_qkvg = self._column(4 * m.lin_heads * self.hd)
+        self.out_norm = RMSNorm(self.hd, m.norm_eps)
+        self.linear_proj = self._row(m.lin_heads * self.hd)
+        lo = self.tp_rank * self.h
+        decay = decay_schedule(m.lin_heads, m.linear_decay_min, m.linear_decay_max)[lo:lo + self.h]
+        self.register_buffer("log_decay", decay, persistent=False)  # [H/T], a function of the config
+
+    def _norm_weight(self) -> torch.Tensor:
+        w = self.out_norm.weight
+        if self.tp_size == 1:
+            return w
+        return tensor_parallel.copy_to_tensor_model_parallel_region(w, group=self.tp_group)
+
+    def forward(self, hidden_states, attention_mask=None, **_unused):
+        s, b, _ = hidden_states.shape
+        mixed, _ = self.linear_qkvg(hidden_states)                      # [s, b, H/T·4D]
+        q, k, v, g = mixed.view(s, b, self.h, 4 * self.hd).split(self.hd, dim=-1)  # [s, b, H/T, D] each
+        q = F.silu(q).transpose(0, 1).contiguous()                      # [b, s, H/T, D]
+        k = F.silu(k).transpose(0, 1).contiguous()
+        v = v.transpose(0, 1).contiguous()
+        o = dispatch.linear_attention(q, k, v, cp=self.cp, decay=self.log_decay.float(), scale=self.hd ** -0.5)
+        # RMSNorm over D per head (the math of RMSNorm.forward, with the TP-reduced gain)
+        of = o.float()
+        o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.out_norm.eps)
+             * self._norm_weight().float()).to(o.dtype)
+        o = o * torch.sigmoid(g.transpose(0, 1))                        # elementwise gate, [b, s, H/T, D]
+        o = o.transpose(0, 1).reshape(s, b, self.h * self.hd)           # [s, b, H/T·D]
+        return self.linear_proj(o)
+
+
+MIXERS = {"L": LinearMixer, "F": SoftmaxMixer}
+
+
+def layer_spec(kind: str, model_cfg: ModelConfig, cp: CPContext) -> ModuleSpec:
+    """One megatron ``TransformerLayer``: our norm and mixer, megatron's SwiGLU MLP and residuals."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=MegatronRMSNorm,
+            self_attention=ModuleSpec(module=MIXERS[kind], params={"model_cfg": model_cfg, "cp": cp}),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=MegatronRMSNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=tensor_parallel.ColumnParallelLinear, linear_fc2=tensor_parallel.RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add))
+
+
+def stage_layers(config, vp_stage, pp_rank: int) -> tuple[int, int]:
+    """(first global layer index, number of layers) of one (virtual) pipeline stage, 0-based."""
+    return (get_transformer_layer_offset(config, vp_stage, pp_rank),
+            get_num_layers_to_build(config, vp_stage, pp_rank))
+
+
+def block_spec(config, model_cfg: ModelConfig, cp: CPContext, vp_stage, pp_rank: int):
+    """The layers of one (virtual) stage, each typed by its global index in ``model_cfg.layer_types``."""
+    first, n = stage_layers(config, vp_stage, pp_rank)
+    specs = [layer_spec(model_cfg.layer_types[first + i], model_cfg, cp) for i in range(n)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=MegatronRMSNorm)
+
+
+# ---------------------------------------------------------------------------- weight mapping
+
+def _rows(w: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    return w.chunk(size, dim=0)[rank]
+
+
+def _cols(w: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    return w.chunk(size, dim=1)[rank]
+
+
+def _fused_softmax(sd: dict, p: str, m: ModelConfig) -> torch.Tensor:
+    """``[q | k | v | gate]`` of HybridLM -> rows grouped per KV group (module docstring)."""
+    d, hd, hkv = m.d_model, m.softmax_head_dim, m.kv_heads
+    r = m.n_heads // hkv
+    parts = [sd[p + "q_proj.weight"].view(hkv, r * hd, d), sd[p + "k_proj.weight"].view(hkv, hd, d),
+             sd[p + "v_proj.weight"].view(hkv, hd, d)]
+    if m.gated_attention:
+        parts.append(sd[p + "gate.weight"].view(hkv, r, d))
+    return torch.cat(parts, dim=1).reshape(-1, d)
+
+
+def _fused_linear(sd: dict, p: str, m: ModelConfig) -> torch.Tensor:
+    d, hd, h = m.d_model, m.lin_head_dim, m.lin_heads
+    parts = [sd[p + name + ".weight"].view(h, hd, d) for name in ("q_proj", "k_proj", "v_proj", "gate")]
+    return torch.cat(parts, dim=1).reshape(-1, d)
+
+
+def hybridlm_to_megatron_state_dict(hybrid_sd: dict, model_cfg: ModelConfig, *, tp_rank: int = 0,
+                                    tp_size: int = 1, first_layer: int = 0, num_layers: int | None = None,
+                                    pre_process: bool = True, post_process: bool = True,
+                                    share_embeddings: bool = False) -> dict:
+    """A :class:`~dist_attn.model.hybrid.HybridLM` state dict -> the state dict of one megatron
+    ``GPTModel`` chunk built by :func:`parallel.megatron.build_megatron_model`: TP rank ``tp_rank`` of
+    ``tp_size``, global layers ``[first_layer, first_layer + num_layers)``, with the embedding
+    (``pre_process``) and the final norm and output layer (``post_process``). ``share_embeddings``:
+    the chunk has no ``output_layer.weight`` of its own (tied and on the first stage).
+    """
+    m = model_cfg
+    n = m.n_layers - first_layer if num_layers is None else num_layers
+    out = {}
+    if pre_process:
+        out["embedding.word_embeddings.weight"] = _rows(hybrid_sd["embed.tok.weight"], tp_rank, tp_size)
+    for i in range(n):
+        g = first_layer + i
+        src, dst = f"blocks.{g}.", f"decoder.layers.{i}."
+        mix = src + "mixer."
+        kind = m.layer_types[g]
+        fused = _fused_softmax(hybrid_sd, mix, m) if kind == "F" else _fused_linear(hybrid_sd, mix, m)
+        out[dst + "input_layernorm.weight"] = hybrid_sd[src + "norm1.weight"]
+        out[dst + "self_attention.linear_qkvg.weight"] = _rows(fused, tp_rank, tp_size)
+        out[dst + "self_attention.linear_proj.weight"] = _cols(hybrid_sd[mix + "o_proj.weight"], tp_rank, tp_size)
+        if kind == "L":
+            out[dst + "self_attention.out_norm.weight"] = hybrid_sd[mix + "out_norm.weight"]
+        out[dst + "pre_mlp_layernorm.weight"] = hybrid_sd[src + "norm2.weight"]
+        # megatron's GLU fc1 holds [gate; up] per TP rank: silu(first half) * second half
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([_rows(hybrid_sd[src + "mlp.gate.weight"], tp_rank, tp_size),
+                                                        _rows(hybrid_sd[src + "mlp.up.weight"], tp_rank, tp_size)])
+        out[dst + "mlp.linear_fc2.weight"] = _cols(hybrid_sd[src + "mlp.down.weight"], tp_rank, tp_size)
+    if post_process:
+        out["decoder.final_layernorm.weight"] = hybrid_sd["head.norm.weight"]
+        if not (share_embeddings and pre_process):
+            out["output_layer.weight"] = _rows(hybrid_sd["head.out.weight"], tp_rank, tp_size)
+    return {k: v.detach().clone() for k, v in out.items()}
