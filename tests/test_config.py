@@ -67,7 +67,10 @@ def test_hydra_rejects_unknown_keys_and_types(override, match):
     (["parallel.cp=4", "parallel.layout=contiguous", "data.seq_len=66"], 4, "multiple of 4"),
     (["data.seq_len=8192"], 1, "max_seq_len"),
     (["model.head_dim=192"], 1, "head_dim"),
-    (["backend.name=megatron"], 1, "later issue"),
+    (["parallel.tp=2"], 2, "tensor parallelism"),
+    (["backend=megatron", "backend.zero_stage=1"], 1, "distributed_optimizer"),
+    (["backend=megatron", "parallel.tp=3"], 3, "tp"),
+    (["backend=megatron", "parallel.vpp=2"], 1, "vpp"),
     (["parallel=pipeline", "backend.zero_stage=3"], 2, "zero_stage"),
     (["parallel=pipeline", "model.tie_embeddings=true"], 2, "tie_embeddings"),
     (["backend.precision=fp16"], 1, "precision"),
@@ -75,7 +78,8 @@ def test_hydra_rejects_unknown_keys_and_types(override, match):
     (["trainer.min_lr=1.0"], 1, "min_lr"),
     (["trainer.resume=/no/such/dir"], 1, "resume"),
 ], ids=["cp>world", "sizes-mismatch", "ulysses-heads", "linear-ulysses-heads", "usp-degree", "zigzag-seq",
-        "contiguous-seq", "seq>max", "head-dim", "megatron", "pipe-zero3", "pipe-tied", "precision",
+        "contiguous-seq", "seq>max", "head-dim", "tp-on-deepspeed", "megatron-zero", "megatron-tp-heads",
+        "megatron-vpp-no-pp", "pipe-zero3", "pipe-tied", "precision",
         "data-vocab", "min-lr", "resume-path"])
 def test_validate_rejects_before_process_groups(overrides, world, match):
     cfg = load(*overrides)
@@ -114,5 +118,5 @@ def test_launcher_reports_config_errors_plainly(tmp_path):
                           f"trainer.out_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "parallel.dp * parallel.cp * parallel.pp: expected the world size 1" in res.stderr
+    assert "parallel.dp * parallel.tp * parallel.cp * parallel.pp: expected the world size 1" in res.stderr
     assert "Traceback" not in res.stderr

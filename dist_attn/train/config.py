@@ -19,8 +19,7 @@ from dist_attn.context import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from dist_attn.layout import LAYOUTS, num_chunks
 from dist_attn.model.config import ModelConfig
 
-BACKENDS = ("deepspeed",)
-PLANNED_BACKENDS = ("megatron",)
+BACKENDS = ("deepspeed", "megatron")
 PRECISIONS = ("bf16", "fp32")
 DATASETS = ("mqar", "memmap")
 MAX_SOFTMAX_HEAD_DIM = 128  # kernels.flash_attn Triton tiles (head dims are padded to a power of two)
@@ -35,9 +34,13 @@ class ParallelConfig:
     cp: int = 1
     """Context-parallel size P: ranks sharing one sequence."""
     dp: int = 0
-    """Data-parallel size; 0 derives it as world_size / (cp * pp)."""
+    """Data-parallel size; 0 derives it as world_size / (tp * cp * pp)."""
     pp: int = 1
-    """Pipeline stages (DeepSpeed PipelineModule); CP runs inside each stage."""
+    """Pipeline stages (DeepSpeed PipelineModule or megatron 1F1B); CP runs inside each stage."""
+    tp: int = 1
+    """Tensor-parallel size (backend=megatron only): attention heads and MLP split over TP ranks."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (backend=megatron, interleaved 1F1B; needs pp >= 2)."""
     layout: str = "zigzag"
     """Token layout over the CP group: zigzag (balanced causal work) | contiguous."""
     softmax_cp: str = "zigzag_ring"
@@ -53,13 +56,15 @@ class ParallelConfig:
 @dataclass
 class BackendConfig:
     name: str = "deepspeed"
-    """Training engine: deepspeed (megatron comes in a later issue)."""
+    """Training engine: deepspeed | megatron (megatron-core GPTModel with this project's attention)."""
     zero_stage: int = 0
     """ZeRO stage 0-3 (pipeline parallelism supports 0-1)."""
     precision: str = "fp32"
     """bf16 (fp32 master weights in the optimizer) | fp32."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    distributed_optimizer: bool = True
+    """megatron only: shard the optimizer state over data-parallel ranks (megatron's ZeRO-1)."""
 
 
 @dataclass
@@ -174,11 +179,20 @@ def _check_parallel(cfg: TrainConfig, world_size: int) -> int:
     _positive("parallel.pp", p.pp, "set parallel.pp >= 1")
     if p.dp < 0:
         _fail("parallel.dp", "0 (derived) or a positive integer", p.dp, "set parallel.dp=0")
-    dp = p.dp or world_size // (p.cp * p.pp)
-    if dp < 1 or dp * p.cp * p.pp != world_size:
-        _fail("parallel.dp * parallel.cp * parallel.pp", f"the world size {world_size}",
-              f"dp={p.dp or 'derived'} * cp={p.cp} * pp={p.pp}",
-              f"launch cp*pp*dp processes (e.g. torchrun --nproc_per_node {p.cp * p.pp * max(p.dp, 1)}) or "
+    _positive("parallel.tp", p.tp, "set parallel.tp >= 1")
+    megatron = cfg.backend.name == "megatron"
+    if p.tp > 1 and not megatron:
+        _fail("parallel.tp", "1 with backend=deepspeed (tensor parallelism is the megatron backend's)", p.tp,
+              "use backend=megatron for tensor parallelism, or parallel.tp=1")
+    if p.vpp is not None and (not megatron or p.pp < 2 or p.vpp < 1):
+        _fail("parallel.vpp", "null, or >= 1 with backend=megatron and parallel.pp >= 2", p.vpp,
+              "set parallel.vpp=null, or use backend=megatron with pipeline stages")
+    model_par = p.tp * p.cp * p.pp
+    dp = p.dp or world_size // model_par
+    if dp < 1 or dp * model_par != world_size:
+        _fail("parallel.dp * parallel.tp * parallel.cp * parallel.pp", f"the world size {world_size}",
+              f"dp={p.dp or 'derived'} * tp={p.tp} * cp={p.cp} * pp={p.pp}",
+              f"launch tp*cp*pp*dp processes (e.g. torchrun --nproc_per_node {model_par * max(p.dp, 1)}) or "
               f"change the sizes so that they multiply to {world_size}")
     if p.layout not in LAYOUTS:
         _fail("parallel.layout", f"one of {LAYOUTS}", p.layout, "use zigzag (balanced causal work)")
@@ -218,20 +232,20 @@ def _check_heads(cfg: TrainConfig) -> None:
         if p.pp > stages:
             _fail("parallel.pp", f"at most {stages} stages (embedding + {m.n_layers} blocks + head)", p.pp,
                   "use fewer pipeline stages")
-        if m.tie_embeddings:
+        if m.tie_embeddings and cfg.backend.name == "deepspeed":
             _fail("model.tie_embeddings", "False with pipeline parallelism (embedding and head sit on "
                   "different stages)", True, "set model.tie_embeddings=false or parallel.pp=1")
 
 
 def _check_backend(cfg: TrainConfig) -> None:
     b = cfg.backend
-    if b.name in PLANNED_BACKENDS:
-        _fail("backend.name", f"one of {BACKENDS}", b.name, "the megatron-core backend comes in a later "
-              "issue; use backend=deepspeed for now")
     if b.name not in BACKENDS:
-        _fail("backend.name", f"one of {BACKENDS}", b.name, "use backend=deepspeed")
+        _fail("backend.name", f"one of {BACKENDS}", b.name, "use backend=deepspeed or backend=megatron")
     if b.zero_stage not in (0, 1, 2, 3):
         _fail("backend.zero_stage", "0, 1, 2 or 3", b.zero_stage, "pick a ZeRO stage")
+    if b.name == "megatron" and b.zero_stage != 0:
+        _fail("backend.zero_stage", "0 with backend=megatron (ZeRO is DeepSpeed's; megatron shards the "
+              "optimizer with backend.distributed_optimizer)", b.zero_stage, "set backend.zero_stage=0")
     if cfg.parallel.pp > 1 and b.zero_stage > 1:
         _fail("backend.zero_stage", "0 or 1 with pipeline parallelism (DeepSpeed pipelines do not shard "
               "gradients or parameters)", b.zero_stage, "use backend.zero_stage=1 or parallel.pp=1")
@@ -298,4 +312,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> int:
     _check_heads(cfg)
     _check_data(cfg)
     _check_trainer(cfg)
+    if cfg.backend.name == "megatron":  # its own size rules (heads and vocab over TP, layers over stages)
+        from parallel.megatron import MegatronParallel, validate_megatron
+        validate_megatron(cfg.model, MegatronParallel.from_train_config(cfg), world_size)
     return dp
