@@ -38,6 +38,8 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from dist_attn.train.config import lr_at
+
 # DeepSpeed probes the C compiler (libaio etc.) at import through setuptools' distutils loggers,
 # which Hydra's INFO root logger would print: not our user's concern.
 logging.getLogger("compilers").setLevel(logging.WARNING)
@@ -141,10 +143,6 @@ def ds_config(cfg, plain_fp32_zero0: bool) -> dict:
         "zero_optimization": {"stage": b.zero_stage},
         "bf16": {"enabled": b.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
-        # lr(t) = lr * t / warmup for t < warmup, then cosine from lr down to min_lr at the last step
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
-            "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr / t.lr}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -183,8 +181,11 @@ class DeepSpeedBackend:
             self.grad_divisor = groups.dims.dp * groups.dims.cp
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        # the schedule of dist_attn.train.config.lr_at (shared with the megatron backend), as a client
+        # scheduler: DeepSpeed steps it with the optimizer and keeps its state in checkpoints
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(t, step) / t.lr)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=opt, config=config, mpu=mpu)
+            model=module, optimizer=opt, lr_scheduler=sched, config=config, mpu=mpu)
         if self._norm_hook:
             clip = b.grad_clip
             pipe_group = self.engine.grid.get_pipe_parallel_group() if self.pipeline else None

@@ -120,3 +120,16 @@ def test_launcher_reports_config_errors_plainly(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "parallel.dp * parallel.tp * parallel.cp * parallel.pp: expected the world size 1" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_lr_schedule_warmup_peak_and_cosine_floor():
+    from types import SimpleNamespace
+
+    from dist_attn.train.config import lr_at
+    t = SimpleNamespace(lr=1e-3, min_lr=1e-4, warmup_steps=4, steps=12)
+    assert lr_at(t, 0) == 0.0 and lr_at(t, 2) == pytest.approx(5e-4)
+    assert lr_at(t, 4) == pytest.approx(1e-3)                       # the peak is reached, not skipped
+    assert lr_at(t, 8) == pytest.approx(1e-4 + 0.9e-3 * 0.5)       # half way down the cosine
+    assert lr_at(t, 12) == pytest.approx(1e-4) and lr_at(t, 50) == pytest.approx(1e-4)
+    no_warmup = SimpleNamespace(lr=1e-3, min_lr=0.0, warmup_steps=0, steps=4)
+    assert lr_at(no_warmup, 0) == pytest.approx(1e-3)

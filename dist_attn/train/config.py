@@ -11,6 +11,7 @@ hanging in the first collective.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -23,6 +24,22 @@ BACKENDS = ("deepspeed", "megatron")
 PRECISIONS = ("bf16", "fp32")
 DATASETS = ("mqar", "memmap")
 MAX_SOFTMAX_HEAD_DIM = 128  # kernels.flash_attn Triton tiles (head dims are padded to a power of two)
+
+
+def lr_at(t: "TrainerConfig", step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based), the same for every backend::
+
+        lr(t) = lr * t / W                                            for t <= W (linear warmup)
+        lr(t) = min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2,  p = (t - W) / (T - W), clamped to 1
+
+    with W = warmup_steps and T = max(steps, W + 1): megatron-core's ``OptimizerParamScheduler``
+    'cosine' style, which the megatron backend uses directly and the DeepSpeed backend reproduces as a
+    torch ``LambdaLR`` (DeepSpeed's own WarmupCosineLR starts the cosine one step early)."""
+    w = t.warmup_steps
+    if w > 0 and step <= w:
+        return t.lr * step / w
+    p = min(1.0, (step - w) / (max(t.steps, w + 1) - w))
+    return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 def _fail(field_name: str, expected: str, got: Any, fix: str) -> None:

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from dataclasses import asdict
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,22 @@ from dist_attn.train.telemetry import Telemetry
 
 log = logging.getLogger("dist_attn.train")
 
+COLLECTIVE_TIMEOUT_S = 600.0
+"""Timeout of every collective when the config names none (``trainer.timeout_s``)."""
+
+
+def set_collective_timeout(timeout_s: float) -> int:
+    """Give every process group of this process the same timeout: the world group, the DP/CP/USP groups
+    and the ones DeepSpeed made. ``new_group`` does not inherit ``init_process_group``'s timeout (torch
+    gives sub-groups 30 min on gloo, 10 min on NCCL), so a rank that died or hangs would otherwise keep
+    the others waiting that long inside a CP collective. Returns the number of groups set."""
+    from torch.distributed import distributed_c10d as c10d
+    timeout = timedelta(seconds=timeout_s)
+    groups = list(c10d._world.pg_map)  # torch has no public list of groups
+    for pg in groups:
+        c10d._set_pg_timeout(timeout, pg)
+    return len(groups)
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became nan/inf; the message names the step and the checkpoint to resume from."""
@@ -44,6 +61,9 @@ def load_backend(name: str):
     """Import the engine adapter named by ``backend.name`` (validated beforehand)."""
     if name == "deepspeed":
         from parallel import deepspeed as backend
+        return backend
+    if name == "megatron":
+        from parallel import megatron as backend
         return backend
     raise AssertionError(f"unvalidated backend {name!r}")
 
@@ -86,7 +106,8 @@ class Trainer:
         self.cfg = cfg
         self.dp = validate(cfg)  # before any process group: a bad config fails on every rank alike
         self.backend_mod = load_backend(cfg.backend.name)
-        self.backend_mod.init_distributed()
+        self.timeout_s = float(getattr(cfg.trainer, "timeout_s", COLLECTIVE_TIMEOUT_S))
+        self.backend_mod.init_distributed(timeout_s=self.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.rank != 0:  # one voice: other ranks report warnings and errors only
             logging.getLogger().setLevel(logging.WARNING)
@@ -98,18 +119,27 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         p = cfg.parallel
-        self.dims = ParallelDims(self.dp, p.cp, p.pp)
-        self.groups = build_groups(self.dims, p.ulysses_degree if p.softmax_cp == "usp" else 0)
-        g = self.groups
-        self.cp = CPContext(group=g.cp_group, layout=p.layout, softmax_strategy=p.softmax_cp,
-                            linear_strategy=p.linear_cp, ulysses_group=g.ulysses_group,
-                            ring_group=g.ring_group, backend=p.kernel_backend)
-        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
-        self.model = HybridLM(cfg.model, self.cp).to(self.device)
-        self.backend = self.backend_mod.DeepSpeedBackend(self.model, cfg, g)
+        self.megatron = cfg.backend.name == "megatron"
+        if self.megatron:  # megatron builds its TP/PP/CP/DP groups and the model (GPTModel) itself
+            mb = self.backend_mod
+            g = self.groups = mb.init_megatron(mb.MegatronParallel.from_train_config(cfg), cfg.model,
+                                               seed=cfg.trainer.seed, timeout_s=self.timeout_s)
+            self.dims, self.cp = g.dims, g.cp
+            self.backend = mb.MegatronBackend.from_train_config(cfg, g)
+            if self.rank == 0:
+                log.info("%s", mb.describe(g))
+        else:
+            self.dims = ParallelDims(self.dp, p.cp, p.pp)
+            g = self.groups = build_groups(self.dims, p.ulysses_degree if p.softmax_cp == "usp" else 0)
+            self.cp = CPContext(group=g.cp_group, layout=p.layout, softmax_strategy=p.softmax_cp,
+                                linear_strategy=p.linear_cp, ulysses_group=g.ulysses_group,
+                                ring_group=g.ring_group, backend=p.kernel_backend)
+            torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
+            self.backend = self.backend_mod.DeepSpeedBackend(HybridLM(cfg.model, self.cp).to(self.device), cfg, g)
+        set_collective_timeout(self.timeout_s)  # our groups and the engine's exist now
         self.data = BatchSource(cfg, g, self.device)
-        layout = dict(dp=self.dims.dp, cp=p.cp, pp=p.pp, zero_stage=cfg.backend.zero_stage,
-                      model=asdict(cfg.model))
+        layout = dict(backend=cfg.backend.name, dp=self.dims.dp, tp=p.tp, cp=p.cp, pp=p.pp, vpp=p.vpp,
+                      zero_stage=cfg.backend.zero_stage, model=asdict(cfg.model))
         self.ckpt = Checkpointer(self.run_dir, self.backend, layout, keep=cfg.trainer.keep_ckpts)
         self.telemetry = Telemetry(self.run_dir, self.device, tensorboard=cfg.trainer.tensorboard,
                                    peak_tflops=cfg.trainer.peak_tflops)
@@ -150,8 +180,21 @@ class Trainer:
             f"{self.last_ckpt or 'none'} ({where}). Fix: lower trainer.lr or raise warmup_steps, keep "
             f"backend.grad_clip > 0, or use backend.precision=fp32 to rule out overflow.")
 
+    def _megatron_step(self, batches: list) -> dict:
+        """megatron computes the per-token loss itself (logits are split over the vocabulary under TP) and
+        returns stats already reduced over the job; a non-finite loss skips the update (applied=False)."""
+        with CommRecorder() as rec:
+            out = self.backend.train_step(batches)
+        if not out["applied"] or not math.isfinite(out["loss"]):
+            self._fail_non_finite(applied=bool(out["applied"]))
+        total = out["recall_total"]
+        return dict(loss=out["loss"], recall_acc=out["recall_correct"] / total if self.data.is_mqar and total else None,
+                    comm_sent_bytes=rec.total_sent, comm_recv_bytes=rec.total_recv, comm_by_kind=dict(rec.sent))
+
     def train_step(self) -> dict:
         batches = self.data.micro_batches(self.step)
+        if self.megatron:
+            return self._megatron_step(batches)
         n_local = sum(int((lab != -100).sum()) for _, lab, _ in batches)
         n_global = torch.tensor([float(n_local)], device=self.device)
         dist.all_reduce(n_global)  # every pipeline stage counted the same data: divide by pp
