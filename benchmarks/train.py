@@ -32,15 +32,17 @@ PRESETS = {
     "cpu": {
         "base": ["model=tiny", "data.seq_len=1024", "data.vocab_size=64", "data.num_kv_pairs=16",
                  "trainer.micro_batch=2"],
-        1: {"cp1": []},
+        1: {"cp1": [], "cp1_megatron": ["backend=megatron"]},
         2: {"cp2_ring_lasp2": ["parallel.cp=2"],
             "cp2_ulysses": ["parallel.cp=2", "parallel.softmax_cp=ulysses", "parallel.linear_cp=ulysses"],
-            "dp2": ["parallel.cp=1", "trainer.micro_batch=1"]},
+            "dp2": ["parallel.cp=1", "trainer.micro_batch=1"],
+            "cp2_megatron": ["backend=megatron", "parallel.cp=2"]},
     },
     "gpu": {
-        "base": ["model=1b", "backend=zero1_bf16", "data.seq_len=8192", "data.vocab_size=64",
+        "base": ["model=1b", "data.seq_len=8192", "data.vocab_size=64",
                  "data.num_kv_pairs=64", "trainer.micro_batch=1"],
-        "any": {"cp_all": ["parallel.cp=${world}"]},
+        "any": {"cp_all": ["backend=zero1_bf16", "parallel.cp=${world}"],
+                "cp_all_megatron": ["backend=megatron", "backend.precision=bf16", "parallel.cp=${world}"]},
     },
 }
 
@@ -74,7 +76,7 @@ def _bench(rank, world, device, preset, extra, steps, warmup, out_dir):
                 measured = [json.loads(line) for line in f][warmup:]
             med = {k: statistics.median(r[k] for r in measured) for k in ("step_time_s", "tokens_per_s", "mfu")}
             p = cfg.parallel
-            rows.append(dict(run=name, params_M=round(cfg.model.num_params() / 1e6, 2), seq_len=cfg.data.seq_len,
+            rows.append(dict(run=name, backend=cfg.backend.name, params_M=round(cfg.model.num_params() / 1e6, 2), seq_len=cfg.data.seq_len,
                              tokens_per_step=trainer.tokens_per_step, cp=p.cp, dp=trainer.dims.dp, pp=p.pp,
                              softmax_cp=p.softmax_cp, linear_cp=p.linear_cp, precision=cfg.backend.precision,
                              zero=cfg.backend.zero_stage, step_time_s=med["step_time_s"],
@@ -108,7 +110,7 @@ def main() -> None:
                 mfu_note="CPU peak is a guess (0.1 TFLOP/s per thread): compare runs, not hardware"
                 if not torch.cuda.is_available() else "peak: dense bf16 datasheet value per GPU",
                 overrides=" ".join(args.overrides) or "none")
-    cols = ["run", "params_M", "seq_len", "tokens_per_step", "cp", "dp", "softmax_cp", "linear_cp", "precision",
+    cols = ["run", "backend", "params_M", "seq_len", "tokens_per_step", "cp", "dp", "softmax_cp", "linear_cp", "precision",
             "zero", "step_time_s", "tokens_per_s", "mfu", "comm_sent_MB_rank0", "mem_peak_gb"]
     paths = write_results(f"train_{preset}_np{world}", rows, cols, meta, args.out)
     for r in rows:

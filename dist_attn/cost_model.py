@@ -1,0 +1,364 @@
+"""Cost model of the CP strategies: FLOPs, bytes per link class, collective steps, predicted time.
+
+For one attention layer on one rank of a CP group of P ranks (B batch, N global tokens, Hq/Hkv heads,
+D head dim, b bytes per element, sl = N/P local tokens, C = N/(2P) zigzag chunk)::
+
+    strategy        bytes sent forward                 bytes sent backward                      rounds f / b
+    zigzag_ring     2(P-1)/P·B·N·Hkv·D·b  (p2p)         2(P-1)/P·B·N·Hkv·D·(b+4) (K/V; fp32 dK/dV) P-1 / 2(P-1)
+    allgather       2(P-1)/P·B·N·Hkv·D·b  (all_gather)  that + 2(P-1)/P·B·N·Hkv·D·4 (reduce_scatter)  1 / 2
+    ulysses         (P-1)/P²·B·N·D·b·(2Hq + 2Hkv')      the same (dout in; dq, dk, dv out)           2 / 2
+    usp(U, R)       (U-1)/(U·P)·B·N·D·b·(2Hq + 2Hkv')  all-to-all over U, plus the ring over R with
+                    Hkv'/U heads: 2(R-1)/R·B·N·(Hkv'/U)·D·b forward, ·(b+4) backward   2+(R-1) / 2+2(R-1)
+    lasp2           (P-1)·c·B·H·Dk·Dv·4  (fp32 states; c = 2 zigzag, 1 contiguous chunks per rank)  1 / 1
+    linear_ulysses  (P-1)/P²·B·N·b·H·(2Dk + 2Dv)                                                  2 / 2
+
+Hkv' = max(Hkv, P) for Ulysses (KV heads replicated when Hkv < P; U for USP). The bytes are exactly what
+:class:`dist_attn.comm.CommRecorder` counts (tests/test_cost_model.py asserts equality).
+
+FLOPs per rank: softmax forward 4·B·Hq·sl·N·D, x0.5 causal (convention; the *time* charges whole
+diagonal tiles: a causal sq x sq block costs (n+1)/(2n) of the full block with n = sq/tile tiles);
+backward 2.5x forward. Contiguous causal is unbalanced: FLOPs and time are those of the busiest
+(last) rank; zigzag is balanced. Chunked linear: forward 4·B·H·sl·D·(C+D) (C = 64, no causal halving), backward
+2x; LASP-2 adds its state einsums (2·B·H·sl·D² each: M, inter, and in backward dS_in, dq, dk, dv).
+
+Links. CP ranks are numbered node by node (G GPUs per node). A P2P ring is as slow as its slowest
+hop: once it spans nodes, the rank at the node boundary sends everything over its one NIC. NCCL ring
+all-gather/reduce-scatter stripe over G channels, one NIC each, so a rank's share over IB is 1/m of
+what it sends (m = group members in its node). An all-to-all sends (m-1)/(n-1) of its bytes over NVLink,
+the rest over the rank's NIC. A collective takes max(intra/intra_bw, inter/inter_bw) + latency.
+
+Time (worst rank; ``profile.overlap`` False on CPU turns every max into a sum):
+
+* ring: sum over the P steps of max(block compute + merge, K/V hop) (+ the dK/dV hop in backward,
+  which overlaps the next step; the last one is exposed). Overlapped, as implemented.
+* allgather: max(local block, all-gather) + remote blocks; backward + the reduce-scatter, exposed.
+  Partly overlapped: only the local block (1/P of the work) hides the gather.
+* ulysses / linear_ulysses: all-to-all + local op + all-to-all, NOT overlapped.
+* usp: Ulysses all-to-alls (exposed) around a ring over R (overlapped).
+* lasp2: state einsum + max(local kernel, all-gather) + combine/inter einsums: the gather hides under
+  the local kernel, as implemented.
+
+Memory passes (merges, reorders, packing) are charged at ``profile.mem_bw`` with per-element byte counts
+read off the torch code (approximate: +-30%). Model-only strategies for benchmarks/simulate.py:
+``lasp1`` (LASP-1: states passed along a serial P2P chain) and ``linear_ring`` (Ring Attention applied
+to linear attention: K/V blocks circulate, each contributes q·(k^T v)).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dist_attn.checks import fail as _fail  # ValueError: "<where>: expected ..., got .... Fix: ..."
+from dist_attn.hardware import Phase, PhaseBuilder, detect_gpus_per_node, get_profile
+
+log = logging.getLogger("dist_attn.cost_model")
+
+STRATEGIES = ("zigzag_ring", "allgather", "ulysses", "usp", "lasp2", "linear_ulysses")
+MODEL_ONLY = ("lasp1", "linear_ring")
+LINEAR = ("lasp2", "linear_ulysses", "lasp1", "linear_ring")
+MERGE_BYTES = 56  # fp32 bytes per output element per merge_into (o1-o2, w·(), o1-(), zeros_like, where, copy_)
+CHUNK = 64        # chunk of the local linear kernel
+
+
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """One attention layer: global sequence ``seq_len`` of ``batch`` sequences, q ``[B, N, heads, D]``,
+    k/v ``[B, N, kv_heads, D]``, ``dtype_bytes`` per element."""
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    batch: int = 1
+    dtype_bytes: int = 2
+    causal: bool = True
+    layout: str = "zigzag"
+
+    def __post_init__(self):
+        for name in ("seq_len", "heads", "kv_heads", "head_dim", "batch"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                _fail("AttnShape", f"{name} a positive int", repr(val), f"pass {name} >= 1")
+        if self.dtype_bytes not in (2, 4, 8):
+            _fail("AttnShape", "dtype_bytes in (2, 4, 8)", repr(self.dtype_bytes), "2 for bf16/fp16, 4 for fp32")
+        if self.heads % self.kv_heads:
+            _fail("AttnShape", "kv_heads dividing heads (GQA/MQA)", f"heads={self.heads}, kv_heads={self.kv_heads}",
+                  "choose kv_heads dividing heads")
+        if self.layout not in ("zigzag", "contiguous"):
+            _fail("AttnShape", "layout 'zigzag' or 'contiguous'", repr(self.layout), "pass layout='zigzag'")
+
+
+@dataclass(frozen=True)
+class StrategyCost:
+    strategy: str
+    cp: int
+    ulysses_degree: int
+    gpus_per_node: int
+    fwd: Phase
+    bwd: Phase
+
+    @property
+    def time_s(self) -> float:
+        return self.fwd.time_s + self.bwd.time_s
+
+    @property
+    def sent(self) -> int:
+        return sum(self.fwd.sent.values()) + sum(self.bwd.sent.values())
+
+
+def _attn(ph: PhaseBuilder, b, h, sq, sk, d, diag: bool, bwd: bool) -> float:
+    """Time of one local softmax block (q ``sq`` rows x ``sk`` keys); ``diag``: causal square block."""
+    full = 4.0 * b * h * sq * sk * d * (2.5 if bwd else 1.0)
+    if not diag:
+        return ph.kernel(full, full, ph.hw.softmax_flops)
+    n = -(-sq // ph.hw.tile)                        # tiles per side; the diagonal ones run in full
+    return ph.kernel(0.5 * full, full * (n + 1) / (2 * n), ph.hw.softmax_flops)
+
+
+def _ring(ph: PhaseBuilder, s: AttnShape, r: int, members: list, hq: int, hkv: int, n_ring: int, bwd: bool):
+    """Ring attention over ``r`` ranks (``members``) on a ring shard of n_ring/r tokens, hq/hkv heads."""
+    b, d, e = s.batch, s.head_dim, s.dtype_bytes
+    sl = n_ring // r
+    kv = b * sl * hkv * d                            # elements of K (or V) on a rank
+    zig, causal = s.layout == "zigzag", s.causal
+    hop = 0.0
+    for t in range(r):
+        if t == 0:                                   # own block: causal square (or full)
+            c = _attn(ph, b, hq, sl, sl, d, causal, bwd)
+            rows = sl
+        elif causal and zig:                         # 2C x C unmasked on every rank
+            c, rows = _attn(ph, b, hq, sl, sl // 2, d, False, bwd), sl  # (rows: worst rank, all q)
+        else:                                        # full block (contiguous causal: the last rank)
+            c, rows = _attn(ph, b, hq, sl, sl, d, False, bwd), sl
+        qe = b * rows * hq * d
+        c += ph.mem((8 + e) * qe + 2 * (8 + e) * kv) if bwd else ph.mem(MERGE_BYTES * qe + (e + 4) * qe * (e != 4))
+        m = ph.comm("p2p", 2 * kv * e, members, calls=2) if t + 1 < r else 0.0
+        if bwd and t >= 1:                           # dK/dV accumulator of this step leaves now
+            dkv = ph.comm("p2p", 2 * kv * 4, members, calls=2)
+            ph.seg(c, m + hop)                       # the previous step's dK/dV hop runs under this one
+            hop = dkv
+        else:
+            ph.seg(c, m)
+    if hop:
+        ph.seg(0.0, hop, overlap=False)                            # the last dK/dV hop home is exposed
+
+
+def _a2a(ph: PhaseBuilder, s: AttnShape, u: int, sl: int, heads_sum: int, extra_s: float = 0.0) -> None:
+    """One packed all-to-all over ``u`` consecutive ranks of tensors with ``heads_sum`` heads in total
+    (sl local tokens) and its packing copies (6b per element, 8b with the zigzag reorder): exposed."""
+    if u == 1:  # a group of one rank: no collective, no copy
+        return
+    e, elems = s.dtype_bytes, s.batch * sl * heads_sum * s.head_dim
+    t = ph.comm("all_to_all", (u - 1) * s.batch * sl * (heads_sum // u) * s.head_dim * e, list(range(u)))
+    ph.seg(extra_s + ph.mem((8 if s.layout == "zigzag" else 6) * e * elems), t, overlap=False)
+
+
+def _ulysses_like(ph: PhaseBuilder, s: AttnShape, p: int, u: int, bwd: bool, linear: bool):
+    """Ulysses over ``u`` ranks (u = p: plain Ulysses; u < p: the USP Ulysses part around a ring)."""
+    b, d, e, sl = s.batch, s.head_dim, s.dtype_bytes, s.seq_len // p
+    hq = s.heads
+    hkv = hq if linear else max(s.kv_heads, u)       # replicated KV heads travel
+    qkv_heads, out_heads = hq + 2 * hkv, hq
+    if bwd:                                           # dout in first, then dq/dk/dv out
+        qkv_heads, out_heads = out_heads, qkv_heads
+    rep = ph.mem(2 * 2 * e * b * sl * hkv * d) if (hkv != s.kv_heads and not bwd) else 0.0
+    _a2a(ph, s, u, sl, qkv_heads, rep)
+    n_loc = s.seq_len * u // p                        # tokens each rank sees after the all-to-all
+    if u == p and linear:
+        fl = 4.0 * b * (hq // u) * n_loc * d * (CHUNK + d) * (2.0 if bwd else 1.0)
+        ph.seg(ph.kernel(fl, fl, ph.hw.linear_flops))
+    elif u == p:
+        ph.seg(_attn(ph, b, hq // u, n_loc, n_loc, d, s.causal, bwd))
+    else:
+        r = p // u
+        _ring(ph, s, r, [j * u for j in range(r)], hq // u, hkv // u, s.seq_len, bwd)
+    _a2a(ph, s, u, sl, out_heads)
+
+
+def _allgather(ph: PhaseBuilder, s: AttnShape, p: int, bwd: bool):
+    b, hq, hkv, d, e = s.batch, s.heads, s.kv_heads, s.head_dim, s.dtype_bytes
+    sl = s.seq_len // p
+    kv = b * sl * hkv * d
+    members = list(range(p))
+    gather = ph.comm("all_gather", (p - 1) * 2 * kv * e, members)
+    local = _attn(ph, b, hq, sl, sl, d, s.causal, bwd) + ph.mem(4 * kv * e)   # + torch.stack([k, v])
+    ph.seg(local, gather)
+    # remote keys: (P-1)·sl (contiguous causal: the last rank; non-causal: every rank). Zigzag causal,
+    # rank r: all q vs r·C keys + q_{2P-1-r} vs (2P-2-2r)·C keys = sl x (P-1)·C on every rank, 2 calls
+    rem = (p - 1) * sl
+    zig = s.causal and s.layout == "zigzag"
+    c = _attn(ph, b, hq, sl, rem // 2 if zig else rem, d, False, bwd) + ph.hw.kernel_overhead
+    q_elems = b * sl * hq * d
+    reorder = 4 * p * kv * e + 4 * rem * b * hkv * d * e            # _to_sequence + _rows slice copies
+    if bwd:  # fp32 dK/dV of every key: zeros, += per block, _from_sequence (gather + permute copies)
+        reorder += 8 * p * kv + 2 * (8 + e) * rem * b * hkv * d + 32 * p * kv + 2 * (8 + e) * q_elems
+        ph.seg(c + ph.mem(reorder))
+        ph.seg(0.0, ph.comm("reduce_scatter", (p - 1) * 2 * kv * 4, members), overlap=False)
+    else:
+        ph.seg(c + ph.mem(reorder + MERGE_BYTES * q_elems * 3 + (e + 4) * q_elems * (e != 4)))
+
+
+def _lasp(ph: PhaseBuilder, s: AttnShape, p: int, bwd: bool, chain: bool = False):
+    """LASP-2 (one all-gather of fp32 states under the local kernel); ``chain``: LASP-1's serial P2P."""
+    b, h, d, e = s.batch, s.heads, s.head_dim, s.dtype_bytes
+    sl, c = s.seq_len // p, (2 if s.layout == "zigzag" else 1)
+    acc = 8 if e == 8 else 4
+    state = c * b * h * d * d * acc
+    ein = 2.0 * b * h * sl * d * d                                 # one state einsum (M, inter, dS, ...)
+    comb = 2.0 * c * p * c * b * h * d * d                          # prefix / suffix combine over P·c chunks
+    kern = 4.0 * b * h * sl * d * (CHUNK + d) * (2.0 if bwd else 1.0)
+    g = ph.hw.gemm_flops
+    first = ph.kernel(ein, ein, g, calls=0)
+    if chain:  # LASP-1 (its Algorithm 6): receive M_{t-1}, o_inter = q M_{t-1}, update, send: P-1 serial
+        state = b * h * d * d * acc                                 # hops, each with one inter einsum
+        ph.comm("p2p", state, list(range(p)))                       # each rank sends its state once
+        nodes, hw = -(-p // ph.gpn), ph.hw
+        chain_s = (p - nodes) * (state / (hw.intra_bw * ph.share) + hw.intra_latency) + \
+            (nodes - 1) * (state / (hw.inter_bw * ph.share) + hw.inter_latency) + (p - 1) * ein / (g * ph.share)
+        ph.seg(first + ph.kernel(kern, kern, ph.hw.linear_flops))
+        ph.seg(0.0, chain_s, overlap=False)
+    else:
+        gather = ph.comm("all_gather", (p - 1) * state, list(range(p)))
+        ph.seg(first)
+        ph.seg(ph.kernel(kern, kern, ph.hw.linear_flops), gather)
+    rest = (3 if bwd else 1) * ein + comb
+    per_elem = (17 * e + 80) if bwd else (9 * e + 32)               # chunking, decay scaling, casts
+    ph.seg(ph.kernel(rest, rest, g, calls=0) + ph.mem(per_elem * b * sl * h * d))
+
+
+def _linear_ring(ph: PhaseBuilder, s: AttnShape, p: int, bwd: bool):
+    """Ring Attention applied to linear attention: K/V circulate; each remote block adds q·(λ k^T v)."""
+    b, h, d, e, sl = s.batch, s.heads, s.head_dim, s.dtype_bytes, s.seq_len // p
+    kv = b * sl * h * d
+    members = list(range(p))
+    kern = 4.0 * b * h * sl * d * (CHUNK + d) * (2.0 if bwd else 1.0)
+    ph.seg(ph.kernel(kern, kern, ph.hw.linear_flops))
+    blk = 2 * 2.0 * b * h * sl * d * d * (2.5 if bwd else 1.0)   # k^T v then q·(.), per remote block
+    for t in range(1, p):
+        m = ph.comm("p2p", 2 * kv * e + (2 * kv * 4 if bwd else 0), members, calls=4 if bwd else 2)
+        ph.seg(ph.kernel(blk, blk, ph.hw.gemm_flops) + ph.mem(12 * kv), m)
+
+
+def strategy_cost(strategy: str, shape: AttnShape, cp: int, *, profile="h100", gpus_per_node=None,
+                  ulysses_degree=None) -> StrategyCost:
+    """Predicted cost of ``strategy`` for one layer of ``shape`` on a CP group of ``cp`` ranks.
+
+    ``gpus_per_node`` defaults to the profile's; ``ulysses_degree`` (usp only) defaults to
+    min(G, largest valid divisor of P). Raises ValueError when the heads cannot be split that way."""
+    hw = get_profile(profile)
+    where = f"strategy_cost({strategy!r})"
+    if strategy not in STRATEGIES + MODEL_ONLY:
+        _fail(where, f"one of {STRATEGIES + MODEL_ONLY}", repr(strategy), "pick a strategy from that list")
+    if not isinstance(cp, int) or cp < 1:
+        _fail(where, "cp a positive int", repr(cp), "pass the CP group size")
+    chunks = 2 * cp if shape.layout == "zigzag" else cp
+    if shape.seq_len % chunks:
+        _fail(where, f"seq_len divisible by {chunks} ({shape.layout} over P={cp})", str(shape.seq_len),
+              f"pad the sequence to a multiple of {chunks}")
+    gpn = gpus_per_node or hw.gpus_per_node
+    linear = strategy in LINEAR
+    if linear and shape.kv_heads != shape.heads:
+        _fail(where, "kv_heads == heads for linear attention", f"{shape.kv_heads} vs {shape.heads}",
+              "project k/v to all heads")
+    u = 1
+    if strategy in ("ulysses", "linear_ulysses"):
+        u = cp
+    elif strategy == "usp":
+        u = ulysses_degree or max(d for d in range(1, min(cp, gpn) + 1) if cp % d == 0 and valid_split(shape, d))
+    if u > 1:
+        _check_split(where, shape, u, cp, linear)
+    phases = []
+    for bwd in (False, True):
+        ph = PhaseBuilder(hw, gpn, hw.share(min(cp, gpn)))
+        if strategy == "zigzag_ring":
+            _ring(ph, shape, cp, list(range(cp)), shape.heads, shape.kv_heads, shape.seq_len, bwd)
+        elif strategy == "allgather":
+            _allgather(ph, shape, cp, bwd)
+        elif strategy in ("ulysses", "linear_ulysses", "usp"):
+            _ulysses_like(ph, shape, cp, u, bwd, linear)
+        elif strategy == "linear_ring":
+            _linear_ring(ph, shape, cp, bwd)
+        else:
+            _lasp(ph, shape, cp, bwd, chain=strategy == "lasp1")
+        phases.append(ph.done())
+    return StrategyCost(strategy, cp, u, gpn, *phases)
+
+
+def valid_split(shape: AttnShape, u: int) -> bool:
+    """Can Ulysses split these heads over ``u`` ranks (Hq % u == 0; Hkv % u == 0 or u % Hkv == 0)?"""
+    hkv = shape.kv_heads
+    return shape.heads % u == 0 and (hkv % u == 0 if hkv >= u else u % hkv == 0)
+
+
+def _check_split(where, shape: AttnShape, u: int, cp: int, linear: bool):
+    if cp % u:
+        divisors = [d for d in range(1, cp + 1) if cp % d == 0]
+        _fail(where, f"ulysses_degree dividing P={cp}", str(u), f"pick U in {divisors}")
+    if not valid_split(shape, u):
+        _fail(where, f"heads split over Ulysses degree {u}: Hq % {u} == 0 and (Hkv % {u} == 0 or {u} % Hkv == 0)",
+              f"Hq={shape.heads}, Hkv={shape.kv_heads}", "use a smaller Ulysses degree or a ring/all-gather strategy")
+
+
+def candidates(layer_kind: str, shape: AttnShape, cp: int, gpn: int) -> tuple[list, list]:
+    """([(strategy, ulysses_degree)] valid for the head split, [why others were left out])."""
+    if layer_kind == "linear":
+        if valid_split(shape, cp):
+            return [("lasp2", 1), ("linear_ulysses", cp)], []
+        return [("lasp2", 1)], [f"ulysses: H={shape.heads} not divisible by P={cp}"]
+    ok, skipped = [("zigzag_ring", 1), ("allgather", 1)], []
+    if valid_split(shape, cp):
+        ok.append(("ulysses", cp))
+    else:
+        skipped.append(f"ulysses: heads Hq={shape.heads}, Hkv={shape.kv_heads} do not split over P={cp}")
+    for u in range(2, cp):
+        if cp % u == 0 and u <= gpn and valid_split(shape, u):
+            ok.append(("usp", u))
+    return ok, skipped
+
+
+def choose_strategy(layer_kind: str, *, heads: int, kv_heads: int, head_dim: int, seq_len: int, cp: int,
+                    gpus_per_node=None, dtype_bytes: int = 2, profile="auto", batch: int = 1,
+                    causal: bool = True, layout: str = "zigzag") -> tuple[str, int, str]:
+    """``strategy=auto``: the valid strategy with the lowest predicted fwd+bwd time for one layer.
+
+    Returns ``(name, ulysses_degree, reason)`` with ``name`` as :class:`dist_attn.context.CPContext`
+    spells it (softmax: zigzag_ring | allgather | ulysses | usp; linear: lasp2 | ulysses) and the
+    Ulysses degree (P for ulysses, U for usp, 1 otherwise). GPUs per node: the argument, else NVML,
+    else ``LOCAL_WORLD_SIZE``, else the profile's default. Logs the one-line ``reason``."""
+    where = "choose_strategy"
+    if layer_kind not in ("softmax", "linear"):
+        _fail(where, "layer_kind 'softmax' or 'linear'", repr(layer_kind), "pass the attention layer type")
+    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+        _fail(where, "cp a positive int", repr(cp), "pass the CP group size")
+    hw = get_profile(profile)
+    src = "argument"
+    if gpus_per_node is None:
+        gpus_per_node, src = detect_gpus_per_node()
+        if gpus_per_node is None:
+            gpus_per_node, src = hw.gpus_per_node, f"{hw.name} default"
+    if not isinstance(gpus_per_node, int) or gpus_per_node < 1:
+        _fail(where, "gpus_per_node a positive int or None", repr(gpus_per_node), "pass the GPUs per node")
+    shape = AttnShape(seq_len, heads, kv_heads, head_dim, batch, dtype_bytes, causal, layout)
+    if layer_kind == "linear" and kv_heads != heads:
+        _fail(where, "kv_heads == heads for a linear layer", f"{kv_heads} vs {heads}", "pass kv_heads=heads")
+    if cp == 1:
+        name = "lasp2" if layer_kind == "linear" else "zigzag_ring"
+        return name, 1, f"auto({layer_kind}): cp=1, no context parallelism (the local kernel runs)"
+    chunks = 2 * cp if layout == "zigzag" else cp
+    if seq_len % chunks:
+        _fail(where, f"seq_len divisible by {chunks} ({layout} over cp={cp})", str(seq_len),
+              f"pad the sequence to a multiple of {chunks}")
+    ok, skipped = candidates(layer_kind, shape, cp, gpus_per_node)
+    costs = sorted((strategy_cost(n, shape, cp, profile=hw, gpus_per_node=gpus_per_node, ulysses_degree=u)
+                    for n, u in ok), key=lambda c: c.time_s)
+    best = costs[0]
+    label = {"linear_ulysses": "ulysses"}.get(best.strategy, best.strategy)
+    nodes = -(-cp // gpus_per_node)
+    ranking = " < ".join(f"{c.strategy}{f'(U={c.ulysses_degree})' if c.strategy == 'usp' else ''} "
+                         f"{1e3 * c.time_s:.3g} ms" for c in costs)
+    reason = (f"auto({layer_kind}, N={seq_len}, P={cp} on {nodes} node(s) of {gpus_per_node} [{src}], "
+              f"Hq={heads}, Hkv={kv_heads}, D={head_dim}, {hw.name}): {label} -- predicted fwd+bwd per layer "
+              f"{ranking}" + (f"; not valid: {'; '.join(skipped)}" if skipped else ""))
+    log.info(reason)
+    return label, best.ulysses_degree, reason
