@@ -13,40 +13,39 @@ import argparse
 import os
 
 import torch
-import torch.distributed as dist
 
 from benchmarks.common import device_name, launch, timed, write_results
+from dist_attn.allgather import allgather_attention
 from dist_attn.comm import CommRecorder
+from dist_attn.lasp2 import lasp2_attention
+from dist_attn.ring import ring_attention
+from dist_attn.ulysses import ulysses_attention
+from dist_attn.usp import usp_attention
+from kernels.lightning_attn import linear_kernel
 
 SOFTMAX = ("zigzag_ring", "ulysses", "usp", "allgather")
 LINEAR = ("lasp2", "linear_ulysses")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _strategy(name: str, world_size: int, layout: str, groups):
-    """Returns ``(kind, fn(q, k, v) -> out)`` or raises ImportError / ValueError."""
+def _strategy(name: str, world_size: int, layout: str, groups, causal: bool = True):
+    """Returns ``(kind, fn(q, k, v) -> out)`` or raises ValueError. ``causal`` applies to
+    the softmax strategies; linear attention is causal by construction."""
     if name == "zigzag_ring":
-        from dist_attn.ring import ring_attention
-        return "softmax", lambda q, k, v: ring_attention(q, k, v, group=None, causal=True, layout=layout)
+        return "softmax", lambda q, k, v: ring_attention(q, k, v, group=None, causal=causal, layout=layout)
     if name == "ulysses":
-        from dist_attn.ulysses import ulysses_attention
-        return "softmax", lambda q, k, v: ulysses_attention(q, k, v, group=None, causal=True, layout=layout)
+        return "softmax", lambda q, k, v: ulysses_attention(q, k, v, group=None, causal=causal, layout=layout)
     if name == "allgather":
-        from dist_attn.allgather import allgather_attention
-        return "softmax", lambda q, k, v: allgather_attention(q, k, v, group=None, causal=True, layout=layout)
+        return "softmax", lambda q, k, v: allgather_attention(q, k, v, group=None, causal=causal, layout=layout)
     if name == "usp":
-        from dist_attn.usp import usp_attention
         if groups is None:
             raise ValueError("usp needs a world size with a Ulysses degree 1 < U < P")
         ug, rg = groups
-        return "softmax", lambda q, k, v: usp_attention(q, k, v, ulysses_group=ug, ring_group=rg, causal=True,
+        return "softmax", lambda q, k, v: usp_attention(q, k, v, ulysses_group=ug, ring_group=rg, causal=causal,
                                                         layout=layout)
-    from kernels.lightning_attn import linear_kernel
     if name == "lasp2":
-        from dist_attn.lasp2 import lasp2_attention
         return "linear", lambda q, k, v, d: lasp2_attention(q, k, v, group=None, decay=d, layout=layout)
     if name == "linear_ulysses":
-        from dist_attn.ulysses import ulysses_attention
         return "linear", lambda q, k, v, d: ulysses_attention(q, k, v, group=None, causal=True, layout=layout,
                                                               local_attn=linear_kernel("auto"), decay=d)
     raise ValueError(f"unknown strategy {name}")
@@ -65,7 +64,7 @@ def _bench(rank, world_size, device, args):
             row = {"strategy": name, "P": world_size, "seq": seq, "layout": args.layout}
             try:
                 kind, fn = _strategy(name, world_size, args.layout, groups)
-            except (ImportError, ValueError) as e:
+            except ValueError as e:
                 row["note"] = f"skipped: {e}"
                 rows.append(row)
                 continue

@@ -20,8 +20,6 @@ Writes ``harness_<cpu|gpu>.json/.md`` and PNG plots under ``--out`` (default ben
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import os
 import platform
 
@@ -36,35 +34,11 @@ MODEL_NAME = {"linear_ulysses": "linear_ulysses"}  # benchmark name -> cost-mode
 HYBRIDS = (("lasp2", "allgather"), ("lasp2", "zigzag_ring"), ("linear_ulysses", "ulysses"))
 
 
-@contextlib.contextmanager
-def _mask(causal: bool):
-    """benchmarks.cp._strategy builds causal closures. Until it takes a ``causal`` argument, build them
-    while the dist_attn entry points it imports are wrapped to pass ``causal`` (restored on exit)."""
-    import dist_attn.allgather as ag
-    import dist_attn.ring as ring
-    import dist_attn.ulysses as uly
-    import dist_attn.usp as usp
-    spots = [(ring, "ring_attention"), (ag, "allgather_attention"), (uly, "ulysses_attention"),
-             (usp, "usp_attention")]
-    saved = [getattr(m, n) for m, n in spots]
-    if not causal:
-        for (m, n), fn in zip(spots, saved):
-            setattr(m, n, lambda *a, _fn=fn, **kw: _fn(*a, **{**kw, "causal": False}))
-    try:
-        yield
-    finally:
-        for (m, n), fn in zip(spots, saved):
-            setattr(m, n, fn)
-
-
 def _layer(name: str, world: int, layout: str, groups, causal: bool):
     """(kind, fn) from the table of benchmarks.cp, with the requested mask for softmax strategies."""
     if name in cp_bench.LINEAR:              # linear attention is causal only
         return cp_bench._strategy(name, world, layout, groups)
-    if "causal" in inspect.signature(cp_bench._strategy).parameters:
-        return cp_bench._strategy(name, world, layout, groups, causal=causal)
-    with _mask(causal):
-        return cp_bench._strategy(name, world, layout, groups)
+    return cp_bench._strategy(name, world, layout, groups, causal=causal)
 
 
 def _predict(names, shape_kw, world, profile, u_deg):
@@ -198,6 +172,8 @@ def plot(rows: list, out_dir: str, tag: str) -> list:
     done = [r for r in rows if "fwd_bwd_ms" in r and r["mask"] == "causal"]
     worlds = sorted({r["P"] for r in done})
     paths = []
+    if not worlds:  # the plots show the causal runs; none were asked for
+        return paths
     for what, key, pkey, ylabel in (("time", "fwd_bwd_ms", "pred_fwd_bwd_ms", "fwd+bwd ms per step"),
                                     ("bytes", "MB", None, "MiB sent per rank (fwd+bwd)")):
         fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 4.5), squeeze=False)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numbers
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch.distributed as dist
 
