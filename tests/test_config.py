@@ -133,3 +133,23 @@ def test_lr_schedule_warmup_peak_and_cosine_floor():
     assert lr_at(t, 12) == pytest.approx(1e-4) and lr_at(t, 50) == pytest.approx(1e-4)
     no_warmup = SimpleNamespace(lr=1e-3, min_lr=0.0, warmup_steps=0, steps=4)
     assert lr_at(no_warmup, 0) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("overrides,softmax,linear", [
+    (["parallel.cp=2", "parallel.softmax_cp=auto", "parallel.linear_cp=auto"], None, "lasp2"),
+    (["parallel.cp=1", "parallel.softmax_cp=auto", "parallel.linear_cp=auto"], "zigzag_ring", "lasp2"),
+], ids=["cp2", "cp1"])
+def test_auto_strategies_resolve_before_validation(overrides, softmax, linear):
+    from dist_attn.context import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+    from dist_attn.cost_model import choose_strategy
+    cfg = load(*overrides)
+    validate(cfg, world_size=cfg.parallel.cp)
+    p, m = cfg.parallel, cfg.model
+    assert p.softmax_cp in SOFTMAX_STRATEGIES and p.linear_cp in LINEAR_STRATEGIES
+    if softmax is None:  # the cost model's own pick for this shape, applied as is
+        softmax = choose_strategy("softmax", heads=m.n_heads, kv_heads=m.kv_heads, head_dim=m.softmax_head_dim,
+                                  seq_len=cfg.data.seq_len, cp=p.cp, dtype_bytes=4,
+                                  batch=cfg.trainer.micro_batch, layout=p.layout)[0]
+    assert (p.softmax_cp, p.linear_cp) == (softmax, linear)
+    if p.softmax_cp == "usp":
+        assert p.ulysses_degree > 1

@@ -61,9 +61,9 @@ class ParallelConfig:
     layout: str = "zigzag"
     """Token layout over the CP group: zigzag (balanced causal work) | contiguous."""
     softmax_cp: str = "zigzag_ring"
-    """CP strategy of the softmax (F) layers: zigzag_ring | ulysses | usp | allgather."""
+    """CP strategy of the softmax (F) layers: zigzag_ring | ulysses | usp | allgather | auto (cost model)."""
     linear_cp: str = "lasp2"
-    """CP strategy of the linear (L) layers: lasp2 | ulysses."""
+    """CP strategy of the linear (L) layers: lasp2 | ulysses | auto (cost model)."""
     ulysses_degree: int = 0
     """usp only: Ulysses degree U (inner, head-sharded); the ring degree is cp / U. Required for usp."""
     kernel_backend: str = "auto"
@@ -136,6 +136,9 @@ class TrainerConfig:
     tensorboard: bool = True
     progress: bool = True
     """Progress bar on rank 0."""
+    timeout_s: float = 600.0
+    """Seconds any collective (on every process group) may wait before failing: a dead or hung rank
+    stops the job instead of stalling it (torch gives sub-groups 30 min by default)."""
 
 
 @dataclass
@@ -308,6 +311,8 @@ def _check_trainer(cfg: TrainConfig) -> None:
     if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
         _fail("trainer.lr / trainer.min_lr", "0 <= min_lr <= lr and lr > 0", (t.lr, t.min_lr),
               "set a positive lr and a smaller min_lr")
+    if not t.timeout_s > 0:
+        _fail("trainer.timeout_s", "> 0 seconds", t.timeout_s, "set e.g. trainer.timeout_s=600")
     if t.warmup_steps < 0:
         _fail("trainer.warmup_steps", ">= 0", t.warmup_steps, "set 0 for no warmup")
     if t.ckpt_every < 0:
@@ -319,10 +324,39 @@ def _check_trainer(cfg: TrainConfig) -> None:
               "pass the path of a step_* checkpoint or of a run directory holding checkpoints/")
 
 
+def resolve_auto(cfg: TrainConfig) -> list[str]:
+    """Replace ``parallel.softmax_cp=auto`` / ``parallel.linear_cp=auto`` by the strategy the cost model
+    (:func:`dist_attn.cost_model.choose_strategy`) predicts fastest for this model, sequence, CP size and
+    topology; returns the one-line reasons. Deterministic on every rank: GPUs per node come from
+    torchrun's LOCAL_WORLD_SIZE (else NVML, else the hardware profile's default)."""
+    p, m, d = cfg.parallel, cfg.model, cfg.data
+    if "auto" not in (p.softmax_cp, p.linear_cp):
+        return []
+    from dist_attn.cost_model import choose_strategy
+    _positive("parallel.cp", p.cp, "set parallel.cp >= 1")
+    common = dict(seq_len=d.seq_len, cp=p.cp, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None,
+                  dtype_bytes=2 if cfg.backend.precision == "bf16" else 4, batch=cfg.trainer.micro_batch,
+                  layout=p.layout)
+    reasons = []
+    if p.softmax_cp == "auto":
+        name, u, why = choose_strategy("softmax", heads=m.n_heads, kv_heads=m.kv_heads,
+                                       head_dim=m.softmax_head_dim, **common)
+        p.softmax_cp, p.ulysses_degree = name, (u if name == "usp" else p.ulysses_degree)
+        reasons.append(why)
+    if p.linear_cp == "auto":
+        name, _, why = choose_strategy("linear", heads=m.lin_heads, kv_heads=m.lin_heads,
+                                       head_dim=m.lin_head_dim, **common)
+        p.linear_cp = name
+        reasons.append(why)
+    return reasons
+
+
 def validate(cfg: TrainConfig, world_size: int | None = None) -> int:
-    """Check the whole configuration against ``world_size`` (default: from the launcher's env).
-    Purely local: call it before any process group is created. Returns the data-parallel size."""
+    """Check the whole configuration against ``world_size`` (default: from the launcher's env), after
+    resolving ``auto`` strategies (:func:`resolve_auto`). Purely local: call it before any process group
+    is created. Returns the data-parallel size."""
     world_size = world_size_from_env() if world_size is None else world_size
+    resolve_auto(cfg)  # logs its one-line reasons (dist_attn.cost_model)
     cfg.model.validate()
     _check_backend(cfg)
     dp = _check_parallel(cfg, world_size)

@@ -36,10 +36,6 @@ from dist_attn.train.telemetry import Telemetry
 
 log = logging.getLogger("dist_attn.train")
 
-COLLECTIVE_TIMEOUT_S = 600.0
-"""Timeout of every collective when the config names none (``trainer.timeout_s``)."""
-
-
 def set_collective_timeout(timeout_s: float) -> int:
     """Give every process group of this process the same timeout: the world group, the DP/CP/USP groups
     and the ones DeepSpeed made. ``new_group`` does not inherit ``init_process_group``'s timeout (torch
@@ -104,13 +100,13 @@ class BatchSource:
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str):
         self.cfg = cfg
+        if int(os.environ.get("RANK", "0")) != 0:  # one voice: other ranks report warnings and errors only
+            logging.getLogger().setLevel(logging.WARNING)
         self.dp = validate(cfg)  # before any process group: a bad config fails on every rank alike
         self.backend_mod = load_backend(cfg.backend.name)
-        self.timeout_s = float(getattr(cfg.trainer, "timeout_s", COLLECTIVE_TIMEOUT_S))
+        self.timeout_s = float(cfg.trainer.timeout_s)
         self.backend_mod.init_distributed(timeout_s=self.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if self.rank != 0:  # one voice: other ranks report warnings and errors only
-            logging.getLogger().setLevel(logging.WARNING)
         box = [os.path.abspath(run_dir)]
         dist.broadcast_object_list(box, src=0)  # ranks may have resolved ${now:} a second apart
         self.run_dir = box[0]
