@@ -5,7 +5,6 @@ Private to ``parallel/``: import the public names from :mod:`parallel.megatron`.
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from dist_attn.context import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, CPContext
 from dist_attn.layout import LAYOUTS
 from dist_attn.model.config import ModelConfig
+from dist_attn.train.groups import ensure_launcher_env
 from parallel._megatron_cpu import megatron_device_shim
 
 with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected, we use neither
@@ -181,12 +181,7 @@ def _init_torch_distributed(timeout_s: float) -> None:
     """torch.distributed from the launcher's environment (torchrun), or a world of one."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1")
+    ensure_launcher_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
 from dist_attn.train.config import lr_at
+from dist_attn.train.groups import ensure_launcher_env
 
 # DeepSpeed probes the C compiler (libaio etc.) at import through setuptools' distutils loggers,
 # which Hydra's INFO root logger would print: not our user's concern.
@@ -67,12 +67,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
             os.environ.setdefault(key, str(value))
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
         return
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1")
+    ensure_launcher_env()
     from datetime import timedelta
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,

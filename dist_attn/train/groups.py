@@ -19,6 +19,8 @@ the same order, and keeps the ones it belongs to.
 """
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -68,6 +70,17 @@ class TrainGroups:
     ulysses_group: Optional[Any] = None
     ring_group: Optional[Any] = None
     ranks: dict = field(default_factory=dict)  # name -> this rank's member list (for logs and tests)
+
+
+def ensure_launcher_env() -> None:
+    """A plain ``python -m launchers.train`` (no torchrun) is a world of one: give it the environment a
+    launcher would (rank 0 of 1, a free local port) so every backend initialises the same way."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
 
 def build_groups(dims: ParallelDims, ulysses_degree: int = 0) -> TrainGroups:
