@@ -150,9 +150,9 @@ def test_killed_rank_and_crash_mid_save_resume_without_lost_or_repeated_steps(tm
     assert killed["attempt"] == 1 and os.path.basename(killed["path"]) == ".tmp-step_00000004"
     assert any(f.endswith("model_states.pt") for f in killed["files"]) and "COMPLETE" not in killed["files"]
 
-    # metrics.jsonl keeps every attempt's rows: 1-3 | 3-4 | 3-6; each loss is the uninterrupted one
+    # each resume rewinds metrics.jsonl to its checkpoint: every step once, with the uninterrupted loss
     rows = _metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 3, 4, 5, 6]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
         assert r["loss"] == pytest.approx(straight[r["step"]], rel=1e-6, abs=0), (r["step"], r["loss"])
 
@@ -196,6 +196,23 @@ def test_crash_while_deleting_a_checkpoint_never_leaves_a_loadable_half(tmp_path
     assert ck.complete_checkpoints(str(root)) == [str(root / "step_00000002")]
     assert ck.find_resume("auto", str(tmp_path), str(tmp_path)) == str(root / "step_00000002")
 
+
+
+def test_resume_auto_only_takes_another_runs_checkpoint_of_the_same_experiment(tmp_path):
+    """A fresh run directory with trainer.resume=auto may continue an earlier run of the *same*
+    experiment, never a different one that happens to share out_dir."""
+    import json as _json
+    from dist_attn.train import checkpoint as ck
+    mine, other = {"data": {"seq_len": 64}, "seed": 0}, {"data": {"seq_len": 64}, "seed": 1}
+    for run, exp in (("a", mine), ("b", other)):
+        d = tmp_path / run / "checkpoints" / "step_00000003"
+        d.mkdir(parents=True)
+        (d / ck.STATE).write_text(_json.dumps({"step": 3, "experiment": exp}))
+        (d / ck.MARKER).write_text("3\n")
+    os.utime(tmp_path / "b" / "checkpoints" / "step_00000003" / ck.MARKER, (2e9, 2e9))  # b is newest
+    new_run = str(tmp_path / "c")
+    assert ck.find_resume("auto", str(tmp_path), new_run, mine) == str(tmp_path / "a" / "checkpoints" / "step_00000003")
+    assert ck.find_resume("auto", str(tmp_path), new_run, {"seed": 7}) is None
 
 # ---------------------------------------------------------------------------------- timeouts
 def _cfg(overrides, out_dir):

@@ -55,11 +55,21 @@ def complete_checkpoints(root: str) -> list[str]:
     return sorted(p for p in glob.glob(os.path.join(root, "step_*")) if is_complete(p))
 
 
-def find_resume(resume: Optional[str], out_dir: str, run_dir: str) -> Optional[str]:
+def _experiment_of(path: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(path, STATE)) as f:
+            return json.load(f).get("experiment")
+    except (OSError, ValueError):
+        return None
+
+
+def find_resume(resume: Optional[str], out_dir: str, run_dir: str,
+                experiment: Optional[dict] = None) -> Optional[str]:
     """The checkpoint to load for ``trainer.resume``: None, 'auto' or a path.
 
     'auto': the newest complete checkpoint of this run directory, else the most recently committed
-    one of any run under ``out_dir``; None if there is none (a fresh start). A path may name a
+    one of another run under ``out_dir`` *of the same experiment* (model, data, seed and parallel layout
+    equal to ``experiment``, when given); None if there is none (a fresh start). A path may name a
     ``step_*`` checkpoint, a ``checkpoints/`` directory or a run directory (its newest checkpoint).
     """
     if not resume:
@@ -69,7 +79,7 @@ def find_resume(resume: Optional[str], out_dir: str, run_dir: str) -> Optional[s
         if own:
             return own[-1]
         every = glob.glob(os.path.join(out_dir, "*", "checkpoints", "step_*"))
-        every = [p for p in every if is_complete(p)]
+        every = [p for p in every if is_complete(p) and (experiment is None or _experiment_of(p) == experiment)]
         return max(every, key=lambda p: os.path.getmtime(os.path.join(p, MARKER))) if every else None
     if is_complete(resume):
         return resume
@@ -102,9 +112,9 @@ class Checkpointer:
     ``load(path) -> client_state``). ``layout`` (sizes that change the saved partitioning) is stored
     and compared on load."""
 
-    def __init__(self, run_dir: str, backend, layout: dict, keep: int = 2):
+    def __init__(self, run_dir: str, backend, layout: dict, keep: int = 2, experiment: Optional[dict] = None):
         self.root = os.path.join(run_dir, "checkpoints")
-        self.backend, self.layout, self.keep = backend, layout, keep
+        self.backend, self.layout, self.keep, self.experiment = backend, layout, keep, experiment
         self.rank = dist.get_rank()
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
@@ -126,7 +136,8 @@ class Checkpointer:
         dist.barrier()  # every rank's files are on disk
         if self.rank == 0:
             with open(os.path.join(tmp, STATE), "w") as f:
-                json.dump(dict(step=step, layout=self.layout, **(extra or {})), f, indent=1)
+                json.dump(dict(step=step, layout=self.layout, experiment=self.experiment, **(extra or {})), f,
+                          indent=1)
             with open(os.path.join(tmp, MARKER), "w") as f:
                 f.write(f"{step}\n")
                 f.flush()

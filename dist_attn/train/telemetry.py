@@ -157,6 +157,24 @@ class Telemetry:
                     for k, v in (g or {}).items():
                         self._tb.add_scalar(f"gpu{r}/{k}", v, step)
 
+    def rewind(self, step: int) -> None:
+        """After resuming at ``step``: drop the rows and tensorboard events of later steps that a failed
+        attempt logged, so every step appears once (rank 0; the file is replaced atomically)."""
+        if self.rank != 0:
+            return
+        self._file.close()
+        with open(self.metrics_path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.metrics_path)
+        self._file = open(self.metrics_path, "a", buffering=1)
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb.close()
+            self._tb = SummaryWriter(self.tb_dir, purge_step=step + 1)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -15,6 +15,7 @@ Per step t (0-based; ``step`` in logs and checkpoints counts completed steps):
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -136,7 +137,10 @@ class Trainer:
         self.data = BatchSource(cfg, g, self.device)
         layout = dict(backend=cfg.backend.name, dp=self.dims.dp, tp=p.tp, cp=p.cp, pp=p.pp, vpp=p.vpp,
                       zero_stage=cfg.backend.zero_stage, model=asdict(cfg.model))
-        self.ckpt = Checkpointer(self.run_dir, self.backend, layout, keep=cfg.trainer.keep_ckpts)
+        # what makes two runs "the same experiment" for trainer.resume=auto across run directories
+        self.experiment = json.loads(json.dumps(dict(layout=layout, data=asdict(cfg.data), seed=cfg.trainer.seed)))
+        self.ckpt = Checkpointer(self.run_dir, self.backend, layout, keep=cfg.trainer.keep_ckpts,
+                                 experiment=self.experiment)
         self.telemetry = Telemetry(self.run_dir, self.device, tensorboard=cfg.trainer.tensorboard,
                                    peak_tflops=cfg.trainer.peak_tflops)
         self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
@@ -214,11 +218,12 @@ class Trainer:
             return
         self._resumed = True
         t = self.cfg.trainer
-        box = [find_resume(t.resume, t.out_dir, self.run_dir) if self.rank == 0 else None]
+        box = [find_resume(t.resume, t.out_dir, self.run_dir, self.experiment) if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
             self.step = self.ckpt.load(box[0])
             self.last_ckpt = box[0]
+            self.telemetry.rewind(self.step)  # a failed attempt's rows past the checkpoint are redone
             if self.rank == 0:
                 log.info("resumed from %s at step %d", box[0], self.step)
 
