@@ -21,7 +21,7 @@ from dist_attn.lasp2 import lasp2_attention
 from dist_attn.ring import ring_attention
 from dist_attn.ulysses import ulysses_attention
 from dist_attn.usp import usp_attention
-from kernels.lightning_attn import linear_kernel
+from dist_attn.kernels.lightning_attn import linear_kernel
 
 SOFTMAX = ("zigzag_ring", "ulysses", "usp", "allgather")
 LINEAR = ("lasp2", "linear_ulysses")

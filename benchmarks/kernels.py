@@ -6,10 +6,10 @@
 
 Ops compared (each skipped with a note when unavailable):
 
-* ``flash_attn``  -- ours (:func:`kernels.flash_attn.flash_attn`, Triton on GPU);
+* ``flash_attn``  -- ours (:func:`dist_attn.kernels.flash_attn.flash_attn`, Triton on GPU);
 * ``sdpa``        -- ``torch.nn.functional.scaled_dot_product_attention`` (inputs pre-laid out [B,H,S,D]);
 * ``flash_attn_pkg`` -- ``flash_attn.flash_attn_func`` of the flash-attn package, if installed;
-* ``lightning_attn`` -- ours (:func:`kernels.lightning_attn.lightning_attn`), per-head decay;
+* ``lightning_attn`` -- ours (:func:`dist_attn.kernels.lightning_attn.lightning_attn`), per-head decay;
 * ``fla_simple_gla`` -- ``fla.ops.simple_gla.chunk_simple_gla`` with the same per-head decay, if installed.
 
 FLOP conventions (printed with every run):
@@ -53,16 +53,16 @@ def linear_flops(b, h, n, d, chunk, mode) -> float:
 def _make_op(name: str, causal: bool):
     """Returns ``(layout, fn(q, k, v, decay) -> out)``; layout "bshd" or "bhsd". Raises ImportError."""
     if name == "flash_attn":
-        from kernels.flash_attn import flash_attn
+        from dist_attn.kernels.flash_attn import flash_attn
         return "bshd", lambda q, k, v, g: flash_attn(q, k, v, causal=causal)
     if name == "sdpa":
         import torch.nn.functional as F
         return "bhsd", lambda q, k, v, g: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if name == "flash_attn_pkg":
-        from flash_attn import flash_attn_func  # the flash-attn package, not kernels.flash_attn
+        from flash_attn import flash_attn_func  # the flash-attn package, not dist_attn.kernels.flash_attn
         return "bshd", lambda q, k, v, g: flash_attn_func(q, k, v, causal=causal)
     if name == "lightning_attn":
-        from kernels.lightning_attn import lightning_attn
+        from dist_attn.kernels.lightning_attn import lightning_attn
         return "bshd", lambda q, k, v, g: lightning_attn(q, k, v, decay=g)[0]
     if name == "fla_simple_gla":
         if not torch.cuda.is_available():

@@ -14,7 +14,7 @@ Every implementation runs the same local kernel: ours directly, the peers throug
 module put in ``sys.modules`` before they are imported. It provides the functions they import
 (``flash_attn_func``, ``flash_attn_interface._flash_attn_forward`` / ``_flash_attn_backward``; the varlen
 pair yunchang imports only raises if called) on top of
-:func:`kernels.flash_attn.softmax_kernel` (torch on CPU, Triton on GPU), so the comparison is of the CP
+:func:`dist_attn.kernels.flash_attn.softmax_kernel` (torch on CPU, Triton on GPU), so the comparison is of the CP
 layer, not of the kernel. ring-flash-attn's package ``__init__`` imports its HF adapter (``transformers``);
 its zigzag module is loaded without that ``__init__``. No peer code is copied here.
 
@@ -40,7 +40,7 @@ PEER_VERSIONS = {}
 
 def install_flash_attn_standin(backend: str = "auto") -> None:
     """Register a minimal ``flash_attn`` package backed by our kernel (flash-attn 2.6 call signatures)."""
-    from kernels.flash_attn import softmax_kernel
+    from dist_attn.kernels.flash_attn import softmax_kernel
     kernel = softmax_kernel(backend)
 
     def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left=-1,
@@ -163,7 +163,7 @@ def _bench(rank, world, device, args):
     install_flash_attn_standin()
     from dist_attn.ring import ring_attention
     from dist_attn.ulysses import ulysses_attention
-    from kernels.flash_attn import softmax_kernel
+    from dist_attn.kernels.flash_attn import softmax_kernel
     kernel = softmax_kernel("auto")
     ours = {"ring": lambda q, k, v: ring_attention(q, k, v, group=None, causal=True, layout="zigzag",
                                                    local_attn=kernel),
@@ -247,7 +247,7 @@ def main(argv=None):
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     meta = {"device": device_name(), "dtype": args.dtype, "shape": f"B={args.batch}, H={args.heads} (MHA), "
             f"D={args.head_dim}, causal", "peers": ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
-            "kernel": "every implementation runs kernels.flash_attn (peers through a flash_attn stand-in)",
+            "kernel": "every implementation runs dist_attn.kernels.flash_attn (peers through a flash_attn stand-in)",
             "ratio": "peer/ours = median over reps of paired fwd+bwd times (> 1: ours faster); paired range = "
                      "min-max of those ratios; min/min = fastest peer rep / fastest ours rep",
             "check": "out, dq, dk, dv asserted equal to ours (torch.testing.assert_close) before timing",

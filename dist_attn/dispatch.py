@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from dist_attn.context import CPContext
-from kernels.flash_attn import softmax_kernel
-from kernels.lightning_attn import linear_kernel
+from dist_attn.kernels.flash_attn import softmax_kernel
+from dist_attn.kernels.lightning_attn import linear_kernel
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp: CPContext,

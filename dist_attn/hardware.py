@@ -89,8 +89,8 @@ A100_SXM = replace(H100_SXM, name="a100-sxm", peak_flops=312e12, softmax_flops=1
 # for ratios (between strategies, across sequence lengths), not absolute predictions.
 CPU_GLOO = HardwareProfile(
     name="cpu-gloo", gpus_per_node=64, peak_flops=60e9,
-    softmax_flops=55e9,           # kernels.flash_attn torch backend, B=1 H=8 D=64, S=1-2K, fwd ~57 / bwd ~63 GF/s
-    linear_flops=15e9,            # kernels.lightning_attn torch backend, B=2 H=8 D=64: 35 GF/s at S=256 falling
+    softmax_flops=55e9,           # dist_attn.kernels.flash_attn torch backend, B=1 H=8 D=64, S=1-2K, fwd ~57 / bwd ~63 GF/s
+    linear_flops=15e9,            # dist_attn.kernels.lightning_attn torch backend, B=2 H=8 D=64: 35 GF/s at S=256 falling
                                   # to 12 GF/s at S >= 2048 (its per-chunk states leave the cache)
     gemm_flops=33e9,              # torch.einsum of the LASP-2 state products, [2, 1024, 8, 64] operands
     mem_bw=40e9,                  # x - y on 1-8 MiB fp32 (60-90 GB/s idle, in cache); 64 MiB fresh tensors
@@ -247,8 +247,8 @@ def calibrate_cpu(seq: int = 1024, heads: int = 8, head_dim: int = 64) -> dict:
     """Measure the single-thread rates of :data:`CPU_GLOO` on this machine (no gloo part: run
     ``benchmarks.harness`` for collectives). Returns a dict of the fields it measured."""
     import torch
-    from kernels.flash_attn import softmax_kernel
-    from kernels.lightning_attn import linear_kernel
+    from dist_attn.kernels.flash_attn import softmax_kernel
+    from dist_attn.kernels.lightning_attn import linear_kernel
 
     torch.set_num_threads(1)
     sk, lk = softmax_kernel("torch"), linear_kernel("torch")

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from dist_attn import comm
 from dist_attn.checks import check_group, check_qkv, fail
 from dist_attn.layout import check_layout, check_seq_len, rank_chunks
-from kernels.interface import LinearKernel, SoftmaxKernel, linear_kernel_from_autograd
+from dist_attn.kernels.interface import LinearKernel, SoftmaxKernel, linear_kernel_from_autograd
 
 _WHERE = "lasp2_attention"
 
@@ -179,7 +179,7 @@ def _validate(q, k, v, group, decay, layout, scale, local_linear) -> LinearKerne
     if isinstance(local_linear, SoftmaxKernel) or not (local_linear is None or callable(local_linear)):
         fail(_WHERE, "local_linear to be a LinearKernel or a callable (q,k,v,*,decay,initial_state,scale)"
              "->(out,state)", type(local_linear).__name__,
-             "pass kernels.lightning_attn.linear_kernel(backend) or leave local_linear=None")
+             "pass dist_attn.kernels.lightning_attn.linear_kernel(backend) or leave local_linear=None")
     _, s_loc, hq, hkv = check_qkv(_WHERE, q, k, v, same_v_dim=False)
     if hq != hkv:
         fail(_WHERE, "q, k, v with the same number of heads (linear attention has no GQA)",
@@ -199,7 +199,7 @@ def _validate(q, k, v, group, decay, layout, scale, local_linear) -> LinearKerne
     check_layout(layout, f"{_WHERE}: layout")
     check_seq_len(p * s_loc, p, layout, f"{_WHERE}: global sequence P·S_local = {p}·{s_loc}")
     if local_linear is None:
-        from kernels.lightning_attn import linear_kernel
+        from dist_attn.kernels.lightning_attn import linear_kernel
         return linear_kernel("auto")
     if isinstance(local_linear, LinearKernel):
         return local_linear
@@ -213,7 +213,7 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group,
 
     q, k ``[B, S/P, H, Dk]``, v ``[B, S/P, H, Dv]`` sharded in ``layout`` over ``group`` (global
     ``[B, S, H, D]``); ``decay`` a per-head log-decay ``[H]`` (<= 0, not differentiated) or None;
-    ``scale`` defaults to Dk^-0.5; ``local_linear`` a :class:`~kernels.interface.LinearKernel`
+    ``scale`` defaults to Dk^-0.5; ``local_linear`` a :class:`~dist_attn.kernels.interface.LinearKernel`
     (default ``linear_kernel("auto")``) or a differentiable ``(q,k,v,*,decay,initial_state,scale) ->
     (out, state)``. Returns out ``[B, S/P, H, Dv]`` in v's dtype, differentiable w.r.t. q, k, v.
     """

@@ -56,7 +56,7 @@ from dist_attn.checks import check_group, check_qkv, fail
 from dist_attn.comm import RingComm
 from dist_attn.layout import check_layout, check_seq_len
 from dist_attn.merge import empty_accumulators, merge_into
-from kernels.interface import LinearKernel, SoftmaxKernel, softmax_kernel_from_autograd
+from dist_attn.kernels.interface import LinearKernel, SoftmaxKernel, softmax_kernel_from_autograd
 
 _ALL = slice(None)
 
@@ -66,14 +66,14 @@ def resolve_local_attn(where: str, local_attn) -> SoftmaxKernel:
     ``fn(q, k, v, *, causal, softmax_scale, q_offset, k_offset) -> (out, lse)`` wrapped (its ``bwd``
     recomputes under autograd and rescales by the merge weights)."""
     if local_attn is None:
-        from kernels.flash_attn import softmax_kernel
+        from dist_attn.kernels.flash_attn import softmax_kernel
         return softmax_kernel("auto")
     if isinstance(local_attn, SoftmaxKernel):
         return local_attn
     if isinstance(local_attn, LinearKernel) or not callable(local_attn):
         fail(where, "local_attn to be a SoftmaxKernel, a callable (q, k, v, *, causal, softmax_scale, "
              "q_offset, k_offset) -> (out, lse), or None", type(local_attn).__name__,
-             "pass kernels.flash_attn.softmax_kernel('auto') or leave local_attn=None")
+             "pass dist_attn.kernels.flash_attn.softmax_kernel('auto') or leave local_attn=None")
     return softmax_kernel_from_autograd(getattr(local_attn, "__name__", "user_attn"), local_attn)
 
 
@@ -208,7 +208,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, 
 
     q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` (this rank's shard in ``layout``) ->
     out ``[B, S/P, Hq, D]``, differentiable in q, k, v. ``local_attn``: a
-    :class:`~kernels.interface.SoftmaxKernel` (default ``kernels.flash_attn.softmax_kernel("auto")``)
+    :class:`~dist_attn.kernels.interface.SoftmaxKernel` (default ``dist_attn.kernels.flash_attn.softmax_kernel("auto")``)
     or a differentiable ``fn(q, k, v, *, causal, softmax_scale, q_offset, k_offset) -> (out, lse)``.
     Raises ``ValueError`` on every rank, before any communication, for an invalid input.
     """

@@ -16,8 +16,8 @@ When Hkv < P (needs P % Hkv == 0) each KV head is replicated P/Hkv times before 
 rank receives exactly the KV head its query heads use (query head h uses KV head h·Hkv/Hq); autograd
 sums the replicas' gradients back into the one KV head.
 
-Local op: a :class:`~kernels.interface.SoftmaxKernel` (softmax attention, ``causal`` as given) or a
-:class:`~kernels.interface.LinearKernel` (causal linear attention; ``decay [H]`` is sliced to this
+Local op: a :class:`~dist_attn.kernels.interface.SoftmaxKernel` (softmax attention, ``causal`` as given) or a
+:class:`~dist_attn.kernels.interface.LinearKernel` (causal linear attention; ``decay [H]`` is sliced to this
 rank's heads and ``softmax_scale`` is passed as the linear ``scale``).
 
 Cost per rank per layer (b bytes per element, N = S global tokens, Dv = D for softmax):
@@ -42,7 +42,7 @@ import torch.distributed as dist
 from dist_attn import comm
 from dist_attn.checks import check_group, check_qkv, fail
 from dist_attn.layout import check_layout, check_seq_len, gathered_to_global_index
-from kernels.interface import LinearKernel, SoftmaxKernel
+from dist_attn.kernels.interface import LinearKernel, SoftmaxKernel
 
 # Shape legend: B batch, S global tokens, Sl = S/P local tokens, H heads, h = H/P heads per rank,
 # D head dim, P group size. "gathered" order = rank order of the shards, "target" = what the op needs.
@@ -197,12 +197,12 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     """
     where = "ulysses_attention"
     if local_attn is None:
-        from kernels.flash_attn import softmax_kernel
+        from dist_attn.kernels.flash_attn import softmax_kernel
         local_attn = softmax_kernel("auto")
     linear = isinstance(local_attn, LinearKernel)
     if not linear and not isinstance(local_attn, SoftmaxKernel):
-        fail(where, "local_attn as a kernels.interface.SoftmaxKernel or LinearKernel", type(local_attn).__name__,
-             "pass kernels.flash_attn.softmax_kernel(...) or kernels.lightning_attn.linear_kernel(...)")
+        fail(where, "local_attn as a dist_attn.kernels.interface.SoftmaxKernel or LinearKernel", type(local_attn).__name__,
+             "pass dist_attn.kernels.flash_attn.softmax_kernel(...) or dist_attn.kernels.lightning_attn.linear_kernel(...)")
     p = check_group(where, group)
     check_layout(layout, f"{where}: layout")
     if not isinstance(causal, bool):

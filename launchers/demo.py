@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.flash_attn import flash_attn
-from kernels.flash_attn.naive import attention_ref
-from kernels.lightning_attn import lightning_attn
-from kernels.lightning_attn.naive import linear_attn_recurrent
+from dist_attn.kernels.flash_attn import flash_attn
+from dist_attn.kernels.flash_attn.naive import attention_ref
+from dist_attn.kernels.lightning_attn import lightning_attn
+from dist_attn.kernels.lightning_attn.naive import linear_attn_recurrent
 
 
 def main() -> None:

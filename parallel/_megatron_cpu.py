@@ -1,7 +1,7 @@
 """The CPU path of the megatron-core adapter: one context manager, a no-op when CUDA is available.
 
 megatron-core 0.16.1 assumes a GPU in a few hard-coded places that a gloo/CPU run of
-:mod:`parallel.megatron` passes through. Rather than copying and editing megatron functions, every
+:mod:`dist_attn.parallel.megatron` passes through. Rather than copying and editing megatron functions, every
 adapter entry point runs under :func:`megatron_device_shim`, which, only when
 ``torch.cuda.is_available()`` is False, applies these patches for the duration of the call and
 restores everything on exit:

@@ -1,6 +1,6 @@
 """Layers of the megatron-core backend: this project's sequence mixers inside megatron's GPTModel.
 
-Part of the megatron adapter (:mod:`parallel.megatron`); nothing outside ``parallel/`` imports it.
+Part of the megatron adapter (:mod:`dist_attn.parallel.megatron`); nothing outside ``parallel/`` imports it.
 
 What is megatron's and what is ours. Megatron's ``GPTModel`` keeps its embedding, its
 ``TransformerBlock`` of ``TransformerLayer`` s (pre-norm residual blocks, bias-dropout-add), its
@@ -247,7 +247,7 @@ def hybridlm_to_megatron_state_dict(hybrid_sd: dict, model_cfg: ModelConfig, *, 
                                     pre_process: bool = True, post_process: bool = True,
                                     share_embeddings: bool = False) -> dict:
     """A :class:`~dist_attn.model.hybrid.HybridLM` state dict -> the state dict of one megatron
-    ``GPTModel`` chunk built by :func:`parallel.megatron.build_megatron_model`: TP rank ``tp_rank`` of
+    ``GPTModel`` chunk built by :func:`dist_attn.parallel.megatron.build_megatron_model`: TP rank ``tp_rank`` of
     ``tp_size``, global layers ``[first_layer, first_layer + num_layers)``, with the embedding
     (``pre_process``) and the final norm and output layer (``post_process``). ``share_embeddings``:
     the chunk has no ``output_layer.weight`` of its own (tied and on the first stage).

@@ -1,6 +1,6 @@
 """Setup half of the megatron-core adapter: sizes, process groups, the model (see ``parallel/megatron.py``).
 
-Private to ``parallel/``: import the public names from :mod:`parallel.megatron`.
+Private to ``parallel/``: import the public names from :mod:`dist_attn.parallel.megatron`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dist_attn.context import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, CPContext
 from dist_attn.layout import LAYOUTS
 from dist_attn.model.config import ModelConfig
 from dist_attn.train.groups import ensure_launcher_env
-from parallel._megatron_cpu import megatron_device_shim
+from dist_attn.parallel._megatron_cpu import megatron_device_shim
 
 with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected, we use neither
     warnings.simplefilter("ignore")
@@ -26,7 +26,7 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-from parallel._megatron_layers import block_spec, hybridlm_to_megatron_state_dict, stage_layers  # noqa: E402
+from dist_attn.parallel._megatron_layers import block_spec, hybridlm_to_megatron_state_dict, stage_layers  # noqa: E402
 
 
 def _fail(where: str, expected: str, got: Any, fix: str) -> None:

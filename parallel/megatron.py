@@ -55,9 +55,9 @@ import torch.distributed as dist
 
 from dist_attn.data.mqar import IGNORE_INDEX
 from dist_attn.model.config import ModelConfig
-from parallel._megatron_cpu import megatron_device_shim
-from parallel._megatron_layers import hybridlm_to_megatron_state_dict
-from parallel._megatron_setup import (MegatronGroups, MegatronParallel, MegatronTrainSettings, _fail,
+from dist_attn.parallel._megatron_cpu import megatron_device_shim
+from dist_attn.parallel._megatron_layers import hybridlm_to_megatron_state_dict
+from dist_attn.parallel._megatron_setup import (MegatronGroups, MegatronParallel, MegatronTrainSettings, _fail,
                                       _init_torch_distributed, build_megatron_model, init_megatron,
                                       load_hybridlm_weights, transformer_config, validate_megatron)
 
@@ -80,7 +80,7 @@ __all__ = ["MegatronParallel", "MegatronGroups", "MegatronTrainSettings", "Megat
 
 def init_distributed(timeout_s: float = 600.0) -> None:
     """torch.distributed from the launcher's environment (torchrun: nccl on GPU, gloo on CPU), or a
-    world of one; a no-op if already initialised. Same role as ``parallel.deepspeed.init_distributed``;
+    world of one; a no-op if already initialised. Same role as ``dist_attn.parallel.deepspeed.init_distributed``;
     :func:`init_megatron` calls it itself."""
     _init_torch_distributed(timeout_s)
 

@@ -31,7 +31,7 @@ def _run(name, q, k, v, groups, causal, layout):
     from dist_attn.ring import ring_attention
     from dist_attn.ulysses import ulysses_attention
     from dist_attn.usp import usp_attention
-    from kernels.lightning_attn import linear_kernel
+    from dist_attn.kernels.lightning_attn import linear_kernel
     decay = -torch.linspace(0.1, 0.5, q.shape[2])
     if name == "zigzag_ring":
         return ring_attention(q, k, v, group=None, causal=causal, layout=layout)
@@ -100,7 +100,7 @@ def _timing_worker(rank, p):
     """min over 3 interleaved rounds of fwd+bwd per (strategy, seq), and of a reference kernel call
     (flash forward, 512 tokens, non-causal) that measures how fast this machine is right now."""
     import torch.distributed as dist
-    from kernels.flash_attn import softmax_kernel
+    from dist_attn.kernels.flash_attn import softmax_kernel
     ref = softmax_kernel("torch")
     rq = torch.randn(1, 512, 8, 64)
     best = {}

@@ -48,7 +48,7 @@ def _install_faults() -> None:
     """Patch the trainer of this worker process: record every resume (rank 0), and kill this rank where
     ``DIST_ATTN_TEST_FAULTS`` (``{attempt: {"rank", "at": "step"|"save", "step"}}``) says."""
     from dist_attn.train.trainer import Trainer
-    from parallel.deepspeed import DeepSpeedBackend
+    from dist_attn.parallel.deepspeed import DeepSpeedBackend
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     rank = int(os.environ["RANK"])
     fault = json.loads(os.environ.get(FAULTS_ENV, "{}")).get(str(attempt))

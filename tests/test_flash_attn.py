@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.flash_attn import flash_attn, softmax_kernel, torch_kernel
-from kernels.flash_attn.naive import attention_ref
+from dist_attn.kernels.flash_attn import flash_attn, softmax_kernel, torch_kernel
+from dist_attn.kernels.flash_attn.naive import attention_ref
 from tests.utils import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_triton_backend_vs_fp64_reference(case, dtype):
 @pytest.mark.parametrize("case_id", ["causal-qoffset-partial-d64", "causal-sq200-sk63-mqa-d96"])
 def test_triton_gpu_tile_shapes(case_id, dtype, monkeypatch):
     """The GPU tiles (BLOCK_M != BLOCK_N, e.g. 32 x 128 for dK/dV) under the interpreter."""
-    from kernels.flash_attn import triton_kernel
+    from dist_attn.kernels.flash_attn import triton_kernel
     monkeypatch.setattr(triton_kernel, "_config", triton_kernel.gpu_config)
     _check(CASES[case_id], dtype, "triton")
 
@@ -144,9 +144,9 @@ def compile_for_sm90(dtype_name: str, block_d: int, causal: bool) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.flash_attn.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
-    from kernels.flash_attn.triton_fwd import _attn_fwd
-    from kernels.flash_attn.triton_kernel import gpu_config
+    from dist_attn.kernels.flash_attn.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
+    from dist_attn.kernels.flash_attn.triton_fwd import _attn_fwd
+    from dist_attn.kernels.flash_attn.triton_kernel import gpu_config
 
     tt = dtype_name  # Triton's pointer type names: bf16, fp16, fp32
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
@@ -281,6 +281,6 @@ def test_triton_rejects_float64_oversized_and_bad_backend_name():
     with pytest.raises(ValueError, match="backend"):
         softmax_kernel("cuda")
     big = torch.empty(1, 2 ** 20, 32, 128, dtype=BF16, device="meta")  # 2^32 elements: int32 row offsets overflow
-    from kernels.flash_attn import triton_kernel
+    from dist_attn.kernels.flash_attn import triton_kernel
     with pytest.raises(ValueError, match="2\\^31"):
         triton_kernel.fwd(big, big, big)

@@ -14,10 +14,10 @@ import torch.distributed as dist
 from dist_attn.comm import CommRecorder
 from dist_attn.lasp2 import lasp2_attention
 from dist_attn.layout import LAYOUTS, shard
-from kernels.flash_attn import softmax_kernel
-from kernels.interface import triton_interpreting
-from kernels.lightning_attn import linear_kernel
-from kernels.lightning_attn.naive import linear_attn_chunked
+from dist_attn.kernels.flash_attn import softmax_kernel
+from dist_attn.kernels.interface import triton_interpreting
+from dist_attn.kernels.lightning_attn import linear_kernel
+from dist_attn.kernels.lightning_attn.naive import linear_attn_chunked
 from tests.dist import run_distributed
 from tests.utils import assert_close
 

@@ -9,8 +9,8 @@ in Triton), batch 2.
 import pytest
 import torch
 
-from kernels.lightning_attn import lightning_attn, linear_kernel
-from kernels.lightning_attn.naive import linear_attn_chunked
+from dist_attn.kernels.lightning_attn import lightning_attn, linear_kernel
+from dist_attn.kernels.lightning_attn.naive import linear_attn_chunked
 from tests.utils import assert_close
 
 B, H = 2, 2

@@ -33,7 +33,7 @@ SETTINGS = dict(lr=1e-3, min_lr=1e-4, warmup_steps=0, steps=10, grad_clip=1.0)
 def _setup(par_kw: dict, cfg_kw: dict):
     from dist_attn.data.mqar import MQARDataset
     from dist_attn.model.config import ModelConfig
-    from parallel import megatron as M
+    from dist_attn.parallel import megatron as M
     cfg = ModelConfig(**{**CFG, **cfg_kw})
     par = M.MegatronParallel(**par_kw)
     groups = M.init_megatron(par, cfg, seed=0)
@@ -211,14 +211,14 @@ def test_parallel_matches_single_process(reference, world, par_kw, cfg_kw, resum
         "usp-degree"])
 def test_validate_rejects_bad_sizes(par_kw, cfg_kw, world, needle):
     from dist_attn.model.config import ModelConfig
-    from parallel.megatron import MegatronParallel, validate_megatron
+    from dist_attn.parallel.megatron import MegatronParallel, validate_megatron
     with pytest.raises(ValueError, match=needle) as err:
         validate_megatron(ModelConfig(**{**CFG, **cfg_kw}), MegatronParallel(**par_kw), world)
     assert "expected" in str(err.value) and "Fix:" in str(err.value)
 
 
 def test_cpu_shim_is_scoped():
-    from parallel.megatron import megatron_device_shim
+    from dist_attn.parallel.megatron import megatron_device_shim
     if torch.cuda.is_available():
         pytest.skip("the shim is a no-op with CUDA")
     before = torch.cuda.current_device

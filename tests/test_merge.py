@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dist_attn.merge import empty_accumulators, merge_attn, merge_into
-from kernels.flash_attn.naive import attention_ref
+from dist_attn.kernels.flash_attn.naive import attention_ref
 from tests.utils import assert_close
 
 NEG_INF = float("-inf")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels.flash_attn.naive import attention_ref
-from kernels.lightning_attn.naive import linear_attn_chunked, linear_attn_recurrent
+from dist_attn.kernels.flash_attn.naive import attention_ref
+from dist_attn.kernels.lightning_attn.naive import linear_attn_chunked, linear_attn_recurrent
 from tests.utils import assert_close
 
 

@@ -82,7 +82,7 @@ def run_case(fn, case, rank, world, group, seed, check_bytes=None):
     """Run one case on this rank; assert out/dq/dk/dv vs the fp64 reference; return the rms ratios."""
     from dist_attn.comm import CommRecorder
     from dist_attn.layout import shard
-    from kernels.flash_attn.naive import attention_ref
+    from dist_attn.kernels.flash_attn.naive import attention_ref
     from tests.utils import assert_close
 
     name, layout, causal, dtype, b, c, hq, hkv, d, kind = case
@@ -93,7 +93,7 @@ def run_case(fn, case, rank, world, group, seed, check_bytes=None):
     loc = [shard(t, rank, world, layout).requires_grad_(True) for t in (q, k, v)]
     local_attn = {"default": None, "callable": attention_ref}.get(kind)
     if kind == "triton":
-        from kernels.flash_attn import softmax_kernel
+        from dist_attn.kernels.flash_attn import softmax_kernel
         local_attn = softmax_kernel("triton")
     with CommRecorder() as fwd_rec:
         out = fn(*loc, group=group, causal=causal, layout=layout, local_attn=local_attn)
@@ -116,7 +116,7 @@ def run_case(fn, case, rank, world, group, seed, check_bytes=None):
 
 def cases_worker(rank, world, strategy, cases, small_blocks=False):
     if small_blocks:  # key blocks of 64 in the torch kernel, so long local chunks span several blocks
-        from kernels.flash_attn import torch_kernel
+        from dist_attn.kernels.flash_attn import torch_kernel
         torch_kernel._MAX_TILE_ELEMS = 1
     fn = _strategy(strategy)
     return {case[0]: run_case(fn, case, rank, world, None, seed=i, check_bytes=strategy)
@@ -125,7 +125,7 @@ def cases_worker(rank, world, strategy, cases, small_blocks=False):
 
 def _bad_inputs(rank, world):
     """(label, kwargs overrides, expected message fragment) fed identically to every rank."""
-    from kernels.lightning_attn import linear_kernel
+    from dist_attn.kernels.lightning_attn import linear_kernel
     s = 6
     q, k, v = torch.randn(1, s, 4, 32), torch.randn(1, s, 2, 32), torch.randn(1, s, 2, 32)
     return [

@@ -25,7 +25,7 @@ def make_tensors(seed, shapes, dtype):
 
 def softmax_ref(q, k, v, dout, causal, scale=None):
     """fp64 output and input gradients of plain softmax attention on the global tensors."""
-    from kernels.flash_attn.naive import attention_ref
+    from dist_attn.kernels.flash_attn.naive import attention_ref
     leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
     out, _ = attention_ref(*leaves, causal=causal, softmax_scale=scale)
     out.backward(dout.double())
@@ -34,7 +34,7 @@ def softmax_ref(q, k, v, dout, causal, scale=None):
 
 def linear_ref(q, k, v, dout, decay, scale=None):
     """fp64 output and gradients of the step-by-step causal linear recurrence (independent of the chunked op)."""
-    from kernels.lightning_attn.naive import linear_attn_recurrent
+    from dist_attn.kernels.lightning_attn.naive import linear_attn_recurrent
     leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
     dec = None if decay is None else decay.double()
     out, _ = linear_attn_recurrent(*leaves, decay=dec, scale=scale)
@@ -87,7 +87,7 @@ def _correctness(rank, p):
     from dist_attn.context import CPContext
     from dist_attn.dispatch import linear_attention, softmax_attention
     from dist_attn.ulysses import ulysses_attention
-    from kernels.lightning_attn import linear_kernel
+    from dist_attn.kernels.lightning_attn import linear_kernel
 
     failures, n_checked = [], 0
     hq, hkv_opts = HEADS[p]
@@ -149,7 +149,7 @@ def _deepspeed(rank, p):
 
     from dist_attn.layout import gathered_to_global_index
     from dist_attn.ulysses import ulysses_attention
-    from kernels.flash_attn.naive import attention_ref
+    from dist_attn.kernels.flash_attn.naive import attention_ref
 
     ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     diffs = []
@@ -176,7 +176,7 @@ def _deepspeed(rank, p):
 
 def _error_cases(n):
     """(name, kwargs for ulysses_attention, expected message fragment); P=4, a valid base of n local tokens."""
-    from kernels.lightning_attn import linear_kernel
+    from dist_attn.kernels.lightning_attn import linear_kernel
     f32 = torch.float32
 
     def qkv(hq=8, hkv=8, s=n, d=16, dtype=f32, **over):

@@ -84,7 +84,7 @@ def _errors(rank, p, made):
     import torch.distributed as dist
     from dist_attn.groups import make_usp_groups
     from dist_attn.usp import usp_attention
-    from kernels.lightning_attn import linear_kernel
+    from dist_attn.kernels.lightning_attn import linear_kernel
     ug, rg = made[(2, 2)]
     good = dict(q=torch.zeros(1, 4, 8, 32), k=torch.zeros(1, 4, 8, 32), v=torch.zeros(1, 4, 8, 32),
                 ulysses_group=ug, ring_group=rg)

@@ -23,7 +23,7 @@ from dist_attn.model.config import ModelConfig
 BACKENDS = ("deepspeed", "megatron")
 PRECISIONS = ("bf16", "fp32")
 DATASETS = ("mqar", "memmap")
-MAX_SOFTMAX_HEAD_DIM = 128  # kernels.flash_attn Triton tiles (head dims are padded to a power of two)
+MAX_SOFTMAX_HEAD_DIM = 128  # dist_attn.kernels.flash_attn Triton tiles (head dims are padded to a power of two)
 
 
 def lr_at(t: "TrainerConfig", step: int) -> float:
@@ -364,6 +364,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> int:
     _check_data(cfg)
     _check_trainer(cfg)
     if cfg.backend.name == "megatron":  # its own size rules (heads and vocab over TP, layers over stages)
-        from parallel.megatron import MegatronParallel, validate_megatron
+        from dist_attn.parallel.megatron import MegatronParallel, validate_megatron
         validate_megatron(cfg.model, MegatronParallel.from_train_config(cfg), world_size)
     return dp

@@ -57,10 +57,10 @@ class NonFiniteLossError(RuntimeError):
 def load_backend(name: str):
     """Import the engine adapter named by ``backend.name`` (validated beforehand)."""
     if name == "deepspeed":
-        from parallel import deepspeed as backend
+        from dist_attn.parallel import deepspeed as backend
         return backend
     if name == "megatron":
-        from parallel import megatron as backend
+        from dist_attn.parallel import megatron as backend
         return backend
     raise AssertionError(f"unvalidated backend {name!r}")
 

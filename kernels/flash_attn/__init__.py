@@ -6,7 +6,7 @@ visible keys (fp32, or fp64 for fp64 inputs on the torch backend). Causal maskin
 positions: query ``q_offset + i`` sees key ``k_offset + j`` iff ``k_offset + j <= q_offset + i``; a
 row that sees no key gets out 0 and lse -inf, and zero (never NaN) gradients.
 
-Backends, picked per call by :func:`kernels.interface.resolve_backend`:
+Backends, picked per call by :func:`dist_attn.kernels.interface.resolve_backend`:
 
 * ``triton`` -- :mod:`.triton_kernel` (fp16/bf16/fp32), the GPU path; also runs on CPU under
   ``TRITON_INTERPRET=1`` (tests only: far too slow to train with).
@@ -17,15 +17,15 @@ Triton is imported lazily, so the torch backend works where triton is absent.
 """
 from __future__ import annotations
 
-from kernels.flash_attn import torch_kernel
-from kernels.interface import BACKENDS, SoftmaxKernel, resolve_backend
+from dist_attn.kernels.flash_attn import torch_kernel
+from dist_attn.kernels.interface import BACKENDS, SoftmaxKernel, resolve_backend
 
 __all__ = ["flash_attn", "softmax_kernel"]
 
 
 def _impl(backend: str, device):
     if resolve_backend(backend, device, "flash_attn") == "triton":
-        from kernels.flash_attn import triton_kernel  # lazy: importing triton is slow and optional
+        from dist_attn.kernels.flash_attn import triton_kernel  # lazy: importing triton is slow and optional
         return triton_kernel
     return torch_kernel
 
@@ -47,7 +47,7 @@ _KERNELS: dict = {}
 
 
 def softmax_kernel(backend: str = "auto") -> SoftmaxKernel:
-    """The :class:`~kernels.interface.SoftmaxKernel` for ``backend`` in {"auto", "triton", "torch"}.
+    """The :class:`~dist_attn.kernels.interface.SoftmaxKernel` for ``backend`` in {"auto", "triton", "torch"}.
 
     ``fwd``/``bwd`` resolve the backend on every call from the tensors' device, so one object
     serves CPU and GPU tensors alike. The kernel objects are cached (one per backend name).

@@ -1,6 +1,6 @@
-"""Tiled softmax attention in plain torch: the CPU backend of :mod:`kernels.flash_attn`.
+"""Tiled softmax attention in plain torch: the CPU backend of :mod:`dist_attn.kernels.flash_attn`.
 
-Same contract as the Triton kernel (see :mod:`kernels.interface`), without autograd inside::
+Same contract as the Triton kernel (see :mod:`dist_attn.kernels.interface`), without autograd inside::
 
     fwd(q, k, v, *, causal, softmax_scale, q_offset, k_offset)  -> out [B,Sq,Hq,D], lse [B,Hq,Sq]
     bwd(dout, q, k, v, out, lse, *, ..., dlse=None)            -> dq, dk, dv

@@ -16,14 +16,14 @@ Three kernels, no atomics:
     its group and over query blocks, accumulating dK, dV in registers (GQA sum included);
   * ``_attn_bwd_dq``: one program per (query block, batch, query head) loops over key blocks.
 Causal: blocks invisible to every pair are skipped; fully visible blocks run without masks.
-See :mod:`kernels.flash_attn.triton_fwd` for the ``DOT_FP32`` interpreter flag.
+See :mod:`dist_attn.kernels.flash_attn.triton_fwd` for the ``DOT_FP32`` interpreter flag.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from kernels.flash_attn.triton_fwd import LOG2E, _dot
+from dist_attn.kernels.flash_attn.triton_fwd import LOG2E, _dot
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Host wrappers of the Triton softmax-attention kernels: validation, block sizes, launches.
 
-Contract (see :mod:`kernels.interface`; no autograd in here)::
+Contract (see :mod:`dist_attn.kernels.interface`; no autograd in here)::
 
     fwd(q, k, v, *, causal, softmax_scale, q_offset, k_offset)  -> out [B,Sq,Hq,D] (q.dtype), lse fp32 [B,Hq,Sq]
     bwd(dout, q, k, v, out, lse, *, ..., dlse=None)            -> dq, dk, dv (input dtypes)
@@ -9,18 +9,18 @@ Inputs may be non-contiguous: every kernel takes the four strides of each [B, S,
 Head dims 32/64/96/128 are padded to the next power of two inside the kernels (masked columns).
 Block sizes come from a fixed heuristic rather than ``triton.autotune``: several autotune configs do
 not work under the Triton 3.7 interpreter, and the tests run the same launch path as the GPU.
-The kernels themselves live in :mod:`~kernels.flash_attn.triton_fwd` and
-:mod:`~kernels.flash_attn.triton_bwd`.
+The kernels themselves live in :mod:`~dist_attn.kernels.flash_attn.triton_fwd` and
+:mod:`~dist_attn.kernels.flash_attn.triton_bwd`.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
-from kernels.flash_attn.torch_kernel import check_inputs
-from kernels.flash_attn.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
-from kernels.flash_attn.triton_fwd import _attn_fwd
-from kernels.interface import triton_interpreting
+from dist_attn.kernels.flash_attn.torch_kernel import check_inputs
+from dist_attn.kernels.flash_attn.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
+from dist_attn.kernels.flash_attn.triton_fwd import _attn_fwd
+from dist_attn.kernels.interface import triton_interpreting
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Head dims are padded to a power of two (>= 16) inside the kernels; tiles are sized for D <= 128.

@@ -12,8 +12,8 @@ Triton on CUDA and torch elsewhere, per call, from the device of ``q``.
 """
 from __future__ import annotations
 
-from kernels.interface import BACKENDS, LinearKernel, resolve_backend
-from kernels.lightning_attn import torch_kernel
+from dist_attn.kernels.interface import BACKENDS, LinearKernel, resolve_backend
+from dist_attn.kernels.lightning_attn import torch_kernel
 
 _OP = "lightning_attn"
 _KERNELS: dict = {}
@@ -22,13 +22,13 @@ _KERNELS: dict = {}
 def _impl(backend: str, device):
     """The module implementing ``backend`` for tensors on ``device`` (Triton imported lazily)."""
     if resolve_backend(backend, device, _OP) == "triton":
-        from kernels.lightning_attn import triton_kernel
+        from dist_attn.kernels.lightning_attn import triton_kernel
         return triton_kernel
     return torch_kernel
 
 
 def linear_kernel(backend: str = "auto") -> LinearKernel:
-    """The :class:`~kernels.interface.LinearKernel` for ``backend`` in {"auto", "triton", "torch"}.
+    """The :class:`~dist_attn.kernels.interface.LinearKernel` for ``backend`` in {"auto", "triton", "torch"}.
 
     ``fwd(q, k, v, *, decay, initial_state, scale) -> (out [B,S,H,Dv] in v.dtype, final_state fp32)``
     ``bwd(dout, dfinal_state, q, k, v, *, decay, initial_state, scale) -> (dq, dk, dv, dinitial_state)``

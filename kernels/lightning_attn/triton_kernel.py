@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.interface import triton_interpreting
-from kernels.lightning_attn.torch_kernel import check_inputs
+from dist_attn.kernels.interface import triton_interpreting
+from dist_attn.kernels.lightning_attn.torch_kernel import check_inputs
 
 BT = 64  # chunk length
 MAX_HEAD_DIM = 256
