@@ -2,14 +2,18 @@
 before any communication and a bad input raises ``ValueError`` on every rank instead of hanging."""
 from __future__ import annotations
 
+from typing import Any, NoReturn
+
 import torch
 import torch.distributed as dist
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def fail(where: str, expected: str, got: str, fix: str) -> None:
-    raise ValueError(f"{where}: expected {expected}, got {got}. Fix: {fix}")
+def fail(where: str, expected: str, got: Any, fix: str) -> NoReturn:
+    """The one error format of the package: ``<where>: expected <expected>, got <got>. Fix: <fix>``.
+    ``got`` is printed as is when it is a string, else as its ``repr`` (pass ``repr(s)`` to quote a string)."""
+    raise ValueError(f"{where}: expected {expected}, got {got if isinstance(got, str) else repr(got)}. Fix: {fix}")
 
 
 def check_group(where: str, group) -> int:

@@ -153,20 +153,10 @@ def head_to_seq(xs: Sequence[torch.Tensor], group, order: Order) -> tuple:
 
 
 def check_head_split(where: str, hq: int, hkv: int, degree: int, name: str = "Ulysses degree (P)") -> int:
-    """Raise unless the heads can be split over ``degree`` ranks; return the KV replication factor."""
-    if hq % degree != 0:
-        fail(where, f"the number of query heads (Hq) divisible by the {name}={degree}", f"Hq={hq}",
-             f"choose Hq a multiple of {degree}, or a smaller Ulysses degree (ring attention has no head limit)")
-    if hkv >= degree:
-        if hkv % degree != 0:
-            fail(where, f"the number of KV heads (Hkv) divisible by the {name}={degree} when Hkv >= it",
-                 f"Hkv={hkv}", f"choose Hkv a multiple of {degree}, or Hkv dividing {degree} (KV heads are "
-                 f"then replicated)")
-        return 1
-    if degree % hkv != 0:
-        fail(where, f"the {name}={degree} divisible by the number of KV heads (Hkv) when Hkv < it, so KV "
-             f"heads can be replicated evenly", f"Hkv={hkv}", f"choose Hkv dividing {degree}")
-    return degree // hkv
+    """Raise unless the heads can be split over ``degree`` ranks; return the KV replication factor
+    (the one rule, :func:`dist_attn.plan.check_head_split`)."""
+    from dist_attn.plan import check_head_split as rule
+    return rule(where, hq, hkv, degree, name)
 
 
 def _check_decay(where: str, decay, heads: int) -> None:
