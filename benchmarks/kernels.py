@@ -2,21 +2,33 @@
 
     python -m benchmarks.kernels                                   # GPU: seq 1K..32K, D 64/128, bf16, causal
     python -m benchmarks.kernels --seqs 8192 --head-dims 128 --ops flash_attn sdpa
+    python -m benchmarks.kernels --preset gpu_check --budget-s 280   # the prepared GPU check's sweep
     python -m benchmarks.kernels --help
 
 Ops compared (each skipped with a note when unavailable):
 
 * ``flash_attn``  -- ours (:func:`dist_attn.kernels.flash_attn.flash_attn`, Triton on GPU);
 * ``sdpa``        -- ``torch.nn.functional.scaled_dot_product_attention`` (inputs pre-laid out [B,H,S,D]);
+* ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient`` -- the same, pinned to one backend
+  (``torch.nn.attention.sdpa_kernel``);
 * ``flash_attn_pkg`` -- ``flash_attn.flash_attn_func`` of the flash-attn package, if installed;
 * ``lightning_attn`` -- ours (:func:`dist_attn.kernels.lightning_attn.lightning_attn`), per-head decay;
-* ``fla_simple_gla`` -- ``fla.ops.simple_gla.chunk_simple_gla`` with the same per-head decay, if installed.
+* ``fla_simple_gla`` -- ``fla.ops.simple_gla.chunk_simple_gla`` with the same per-head decay, if installed;
+* ``gated_delta`` -- ours (``dist_attn.kernels.gated_delta``, when it exports ``gated_delta_attn``);
+* ``fla_gated_delta`` -- ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``, if installed.
+
+``--preset gpu_check`` replaces the grid by an ordered list of points, most important first (flash
+causal D=128 8K against SDPA's backends, lightning 16K against fla, then the rest: flash 2K-32K
+causal/full D 64/128, lightning 2K-64K, gated delta); with ``--budget-s`` the sweep starts no point
+once the budget is spent, and the result files are rewritten after every point, so a run that is
+killed still leaves what it measured.
 
 FLOP conventions (printed with every run):
 
 * softmax attention forward 4·B·H·Sq·Sk·D (two matmuls of 2·Sq·Sk·D), x0.5 when causal;
   backward 2.5x forward (2.0 for the four matmuls + 0.5 for recomputing QK^T); fwd+bwd 3.5x;
-* chunked linear attention (chunk C) forward 4·B·H·N·D·(C + D), backward counted as 2x forward.
+* chunked linear attention (chunk C) forward 4·B·H·N·D·(C + D), backward counted as 2x forward
+  (gated delta uses the same count: a lower bound, its WY solve is extra).
 
 Shapes keep the token count fixed (batch = max(1, tokens // seq)) and the model width fixed
 (heads = width // D), as the FlashAttention papers do. Without a GPU the script says so and runs a
@@ -33,8 +45,9 @@ import torch
 from benchmarks.common import device_name, write_results
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SOFTMAX_OPS = ("flash_attn", "sdpa", "flash_attn_pkg")
-LINEAR_OPS = ("lightning_attn", "fla_simple_gla")
+SOFTMAX_OPS = ("flash_attn", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attn_pkg")
+LINEAR_OPS = ("lightning_attn", "fla_simple_gla", "gated_delta", "fla_gated_delta")
+DEFAULT_OPS = ("flash_attn", "sdpa", "flash_attn_pkg", "lightning_attn", "fla_simple_gla")
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_NOTE = ("softmax fwd = 4*B*H*Sq*Sk*D (x0.5 causal), bwd = 2.5x fwd, fwd+bwd = 3.5x fwd; "
              "linear fwd = 4*B*H*N*D*(C+D) with chunk C, bwd = 2x fwd, fwd+bwd = 3x fwd")
@@ -58,6 +71,16 @@ def _make_op(name: str, causal: bool):
     if name == "sdpa":
         import torch.nn.functional as F
         return "bhsd", lambda q, k, v, g: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name.startswith("sdpa_"):
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+
+        def pinned(q, k, v, g):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return "bhsd", pinned
     if name == "flash_attn_pkg":
         from flash_attn import flash_attn_func  # the flash-attn package, not dist_attn.kernels.flash_attn
         return "bshd", lambda q, k, v, g: flash_attn_func(q, k, v, causal=causal)
@@ -69,6 +92,26 @@ def _make_op(name: str, causal: bool):
             raise ImportError("fla's Triton kernels need a GPU")
         from fla.ops.simple_gla import chunk_simple_gla
         return "bshd", lambda q, k, v, g: chunk_simple_gla(q, k, v, g_gamma=g)[0]
+    if name in ("gated_delta", "fla_gated_delta"):
+        if name == "gated_delta":
+            import dist_attn.kernels.gated_delta as mod
+            if not hasattr(mod, "gated_delta_attn"):
+                raise ImportError("dist_attn.kernels.gated_delta exports no gated_delta_attn yet")
+            fn = mod.gated_delta_attn
+        else:
+            if not torch.cuda.is_available():
+                raise ImportError("fla's Triton kernels need a GPU")
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fn
+
+        def delta(q, k, v, g):
+            # unit-norm keys/queries, beta in (0, 1), a per-token log gate <= 0 derived from the head decay
+            b, s, h, _ = q.shape
+            qn, kn = (torch.nn.functional.normalize(t.float(), dim=-1).to(t.dtype) for t in (q, k))
+            beta = torch.full((b, s, h), 0.5, device=q.device, dtype=q.dtype)
+            gate = g.view(1, 1, h).expand(b, s, h).to(torch.float32).contiguous()
+            res = fn(qn, kn, v, beta, gate) if name == "gated_delta" else fn(qn, kn, v, g=gate, beta=beta)
+            return res[0] if isinstance(res, tuple) else res
+        return "bshd", delta
     raise ValueError(f"unknown op {name!r}")
 
 
@@ -127,41 +170,85 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--no-causal", action="store_true", help="full (non-causal) softmax attention")
     p.add_argument("--chunk", type=int, default=64, help="chunk size C in the linear-attention FLOP count")
-    p.add_argument("--ops", nargs="+", default=list(SOFTMAX_OPS + LINEAR_OPS),
-                   choices=list(SOFTMAX_OPS + LINEAR_OPS))
+    p.add_argument("--ops", nargs="+", default=list(DEFAULT_OPS), choices=list(SOFTMAX_OPS + LINEAR_OPS))
+    p.add_argument("--preset", choices=["grid", "gpu_check"], default="grid",
+                   help="grid: every op x seq x head dim; gpu_check: the ordered point list of gpu_check.sh")
+    p.add_argument("--budget-s", type=float, default=None, help="start no new point after this many seconds")
+    p.add_argument("--name", default=None, help="result file name (default kernels_<gpu|cpu>)")
     p.add_argument("--warmup", type=int, default=25, help="GPU warm-up time per measurement, ms")
     p.add_argument("--rep", type=int, default=100, help="GPU measuring time per measurement, ms")
     p.add_argument("--out-dir", default="benchmarks/results")
     return p.parse_args(argv)
 
 
+def gpu_check_points(full_ops=True) -> list[tuple]:
+    """The ordered points of ``--preset gpu_check``: ``(op, seq, head_dim, causal)``, most important
+    first, so that a budget cut drops the least informative ones."""
+    flash_peers = ["flash_attn", "sdpa_cudnn", "sdpa_flash", "flash_attn_pkg"]
+    pts = [(op, 8192, 128, True) for op in flash_peers + ["sdpa_efficient"]]
+    pts += [(op, 16384, 128, True) for op in ("lightning_attn", "fla_simple_gla")]
+    pts += [(op, s, 128, True) for s in (2048, 4096, 16384, 32768) for op in flash_peers]
+    pts += [(op, s, 128, True) for s in (2048, 4096, 8192, 32768, 65536) for op in ("lightning_attn", "fla_simple_gla")]
+    pts += [(op, s, 64, True) for s in (2048, 8192, 32768) for op in flash_peers[:3]]
+    pts += [(op, s, d, False) for d in (128, 64) for s in (2048, 8192, 32768) for op in flash_peers[:3]]
+    pts += [(op, s, 128, True) for s in (2048, 8192, 16384, 65536) for op in ("gated_delta", "fla_gated_delta")]
+    pts += [(op, s, 64, True) for s in (4096, 16384) for op in flash_peers[:3]]
+    pts += [(op, s, 64, False) for s in (4096, 16384) for op in flash_peers[:3]]
+    return pts
+
+
 def main(argv=None):
     args = parse_args(argv)
+    t_start = time.perf_counter()
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype, seqs, dims, tokens, width = DTYPES[args.dtype], args.seqs, args.head_dims, args.tokens, args.width
+    causal = not args.no_causal
+    if args.preset == "gpu_check":
+        points = gpu_check_points()
+        if not on_gpu:  # the plumbing only, tiny: one flash and one lightning point
+            points = [("flash_attn", 256, 64, True), ("lightning_attn", 256, 64, True)]
+    else:
+        points = [(op, s, d, causal) for d in dims for s in seqs for op in args.ops]
     if not on_gpu:
         print("No GPU found: running a tiny fp32 sanity size on CPU (plumbing check; timings are not meaningful).")
-        dtype, seqs, dims, tokens, width = torch.float32, [256], [64], 256, 128
-    causal = not args.no_causal
+        dtype, tokens, width = torch.float32, 256, 128
+        points = list(dict.fromkeys((op, 256, 64, c) for op, _, _, c in points))[:4]
     print(f"device: {device_name()}\nFLOPs: {FLOP_NOTE}")
-    rows = []
-    for d in dims:
-        for s in seqs:
-            b, h = max(1, tokens // s), max(1, width // d)
-            for op in args.ops:
-                new = bench_one(op, b, h, s, d, dtype, device, causal, args.chunk, args.warmup, args.rep)
-                rows += new
-                cells = "  ".join(f"{r['mode']} {r['ms']:.3f} ms {r['tflops']:.3g} TFLOP/s" if r["ms"] is not None
-                                  else f"{r['mode']} -" for r in new)
-                print(f"{op:>15} B={b} H={h} S={s} D={d}: {cells} {new[0]['note']}")
+    meta = dict(device=device_name(), dtype=str(dtype), flops=FLOP_NOTE, torch=torch.__version__,
+                triton=_version("triton"), cuda=torch.version.cuda, preset=args.preset,
+                shapes=f"batch = max(1, {tokens} // S), heads = {width} // D")
+    name = args.name or ("kernels_gpu" if on_gpu else "kernels_cpu")
+    cols = ["op", "mode", "causal", "B", "H", "S", "D", "ms", "tflops", "note"]
+    rows, skipped, paths = [], 0, ()
+    for op, s, d, c in points:
+        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+            skipped += 1
+            continue
+        b, h = max(1, tokens // s), max(1, width // d)
+        new = bench_one(op, b, h, s, d, dtype, device, c, args.chunk, args.warmup, args.rep)
+        rows += new
+        cells = "  ".join(f"{r['mode']} {r['ms']:.3f} ms {r['tflops']:.3g} TFLOP/s" if r["ms"] is not None
+                          else f"{r['mode']} -" for r in new)
+        print(f"{op:>15} {'causal' if c else 'full':>6} B={b} H={h} S={s} D={d}: {cells} {new[0]['note']}")
         if on_gpu:
             torch.cuda.empty_cache()
-    meta = dict(device=device_name(), dtype=str(dtype), causal=causal, flops=FLOP_NOTE, torch=torch.__version__)
-    name = "kernels_gpu" if on_gpu else "kernels_cpu"
-    paths = write_results(name, rows, ["op", "mode", "B", "H", "S", "D", "ms", "tflops", "note"], meta, args.out_dir)
+        meta["points_skipped_for_budget"] = skipped
+        paths = write_results(name, rows, cols, meta, args.out_dir)  # after every point: a kill keeps them
+    if skipped:
+        print(f"budget of {args.budget_s} s spent: {skipped} of {len(points)} points not run")
+    meta["points_skipped_for_budget"] = skipped
+    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+    paths = write_results(name, rows, cols, meta, args.out_dir)
     print("wrote", *paths)
     return rows
+
+
+def _version(mod: str) -> str:
+    try:
+        return __import__(mod).__version__
+    except Exception as exc:  # noqa: BLE001 -- a missing package is a fact to record, not an error
+        return f"not importable ({type(exc).__name__})"
 
 
 if __name__ == "__main__":
