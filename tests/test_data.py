@@ -1,4 +1,5 @@
-"""Data: MQAR determinism and structure, the recall metric, token files via prepare, CP sharding."""
+"""Data: MQAR determinism and structure, the recall metric, token files via prepare, validation windows,
+vocab from meta, CP sharding. (prepare in depth: test_prepare.py; packed documents: test_packing.py.)"""
 import json
 import os
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_attn.data import MQARDataset, TokenDataset, recall_accuracy, shard_batch, unshard_batch
+from dist_attn.data import (MQARDataset, TokenDataset, recall_accuracy, shard_batch, unshard_batch,
+                            vocab_size_from_meta)
 from dist_attn.data.mqar import FILLER, IGNORE_INDEX
 from dist_attn.data.prepare import main as prepare_main
 from dist_attn.data.prepare import prepare
@@ -95,16 +97,20 @@ def test_prepare_and_memmap_roundtrip(tmp_path):
     b.write_bytes(b"\x00\xff second file")
     out = str(tmp_path / "train.bin")
     assert prepare_main(["--input", str(a), str(b), "--output", out]) == 0
-    raw = a.read_bytes() + b.read_bytes()
+    eos = 256  # byte level: ids 0..255 are bytes, one EOS after every document (each file)
+    stream = np.concatenate([np.frombuffer(a.read_bytes(), np.uint8), [eos],
+                             np.frombuffer(b.read_bytes(), np.uint8), [eos]]).astype(np.int64)
     meta = json.loads(open(out + ".json").read())
-    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 256 and meta["num_tokens"] == len(raw)
-    assert os.path.getsize(out) == 2 * len(raw)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 257 and meta["eos_id"] == eos
+    assert meta["num_tokens"] == len(stream) and meta["num_documents"] == 2
+    assert os.path.getsize(out) == 2 * len(stream)
+    assert np.array_equal(np.fromfile(out, dtype="<u2"), stream)
 
     ds = TokenDataset(out, seq_len=32, seed=5)
-    assert ds.num_tokens == len(raw) and ds.vocab_size == 256
+    assert ds.num_tokens == len(stream) and ds.vocab_size == 257 and ds.eos_id == eos
+    assert vocab_size_from_meta(out) == 257
     x, y = ds.get_batch(3, 6)
     assert x.shape == y.shape == (6, 32) and x.dtype == torch.long
-    stream = np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
     for row_x, row_y in zip(x.numpy(), y.numpy()):
         # every row is a real window of the concatenated bytes, and labels are the next tokens
         starts = [i for i in range(len(stream) - 32) if np.array_equal(stream[i:i + 32], row_x)]
@@ -137,13 +143,15 @@ def test_prepare_tokenizer_json(tmp_path):
     out = str(tmp_path / "t.bin")
     meta = prepare([str(a)], out, tokenizer=tok)
     ids = np.fromfile(out, dtype=np.uint16)
-    assert meta["num_tokens"] == len(ids) and ids.tolist() == tk.encode(TEXT).ids
+    # no EOS candidate in this vocabulary: EOS is a new id just past it
+    assert meta["eos_id"] == len(vocab) and meta["vocab_size"] == len(vocab) + 1 and meta["eos_token"] is None
+    assert meta["num_tokens"] == len(ids) and ids.tolist() == tk.encode(TEXT).ids + [len(vocab)]
 
 
 def test_token_file_errors(tmp_path):
     a = tmp_path / "a.txt"
     a.write_text("hello world, a short file")
-    with pytest.raises(ValueError, match="readable files.*Fix"):
+    with pytest.raises(ValueError, match="existing files or directories.*Fix"):
         prepare([str(tmp_path / "missing.txt")], str(tmp_path / "o.bin"))
     with pytest.raises(ValueError, match="existing writable directory"):
         prepare([str(a)], str(tmp_path / "no_dir" / "o.bin"))
@@ -164,6 +172,33 @@ def test_token_file_errors(tmp_path):
     with pytest.raises(ValueError, match="no PATH.json"):
         TokenDataset(out, 8)
     assert TokenDataset(out, 8, dtype="uint16").vocab_size is None
+    with pytest.raises(ValueError, match="vocab_size=auto.*Fix"):
+        vocab_size_from_meta(out)
+
+
+def test_sequential_validation_windows(tmp_path):
+    """Validation windows tile the file: every token predicted once per pass, the same on every call
+    whatever the seed, and the global batch does not depend on its split over DP ranks."""
+    a = tmp_path / "a.txt"
+    a.write_bytes(bytes(range(200)) * 2)  # 401 tokens with the EOS
+    out = str(tmp_path / "v.bin")
+    prepare([str(a)], out)
+    s = 16
+    ds = TokenDataset(out, s, seed=1, sequential=True)
+    assert ds.num_windows == 400 // s == 25
+    stream = np.fromfile(out, dtype="<u2").astype(np.int64)
+    x, y = ds.get_batch(0, 5)
+    for k in range(5):
+        assert np.array_equal(x[k].numpy(), stream[k * s:(k + 1) * s])
+        assert np.array_equal(y[k].numpy(), stream[k * s + 1:(k + 1) * s + 1])
+    x1, _ = ds.get_batch(1, 5)  # batch 1 continues where batch 0 ended
+    assert np.array_equal(x1[0].numpy(), stream[5 * s:6 * s])
+    other = TokenDataset(out, s, seed=99, sequential=True)  # the seed does not matter
+    assert torch.equal(other.get_batch(3, 4)[0], ds.get_batch(3, 4)[0])
+    halves = [ds.get_batch(2, 2, dp_rank=r, dp_size=2)[0] for r in range(2)]
+    assert torch.equal(torch.cat(halves), ds.get_batch(2, 4)[0])
+    # wraps around after num_windows rows
+    assert torch.equal(ds.get_batch(25, 1)[0], ds.get_batch(0, 1)[0])
 
 
 # ------------------------------------------------------------------ CP sharding
