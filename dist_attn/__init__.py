@@ -9,6 +9,7 @@ One import root: the local kernels are :mod:`dist_attn.kernels`, the engine adap
 from dist_attn.allgather import allgather_attention
 from dist_attn.comm import CommRecorder
 from dist_attn.context import CPContext
+from dist_attn.gated_delta import gated_delta_attention
 from dist_attn.groups import make_usp_groups
 from dist_attn.lasp2 import lasp2_attention
 from dist_attn.layout import LAYOUTS, position_ids, shard, unshard
@@ -18,5 +19,6 @@ from dist_attn.usp import usp_attention
 
 __all__ = [
     "ring_attention", "allgather_attention", "ulysses_attention", "usp_attention", "lasp2_attention",
+    "gated_delta_attention",
     "make_usp_groups", "CPContext", "CommRecorder", "LAYOUTS", "position_ids", "shard", "unshard",
 ]
