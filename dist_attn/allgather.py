@@ -27,6 +27,12 @@ results merge through the log-sum-exp in fp32 (:mod:`dist_attn.merge`):
 Backward re-gathers K/V instead of saving the gathered copy, so activations stay O(S/P) per rank as
 in ring attention; the dK/dV of every key are accumulated in fp32 and reduce-scattered to their owners.
 
+Packed documents and windows (``cu_seqlens``, ``window_size``): the mask is applied after the
+gather. Each local query chunk (two in zigzag) is one kernel call against the whole gathered sequence
+in global order, with its global ``q_offset``; the kernel skips the key blocks outside its documents and
+window. No host planning, so a CUDA ``cu_seqlens`` costs no sync; the gather is not overlapped in this
+path, and the bytes are those below (the all-gather moves every block).
+
 Cost per rank per layer (N = S global tokens, b bytes per input element)::
 
     forward bytes sent   2(P-1)/P · B·N·Hkv·D·b          (one all-gather of K and V)
@@ -41,7 +47,7 @@ import functools
 import torch
 
 from dist_attn.comm import all_gather, reduce_scatter
-from dist_attn.layout import gathered_to_global_index
+from dist_attn.layout import gathered_to_global_index, rank_ranges
 from dist_attn.merge import empty_accumulators, merge_into
 from dist_attn.ring import _ALL, _rows, check_softmax_cp_inputs
 
@@ -129,6 +135,65 @@ def _allgather_backward(dout, q, k, v, out, lse, group, causal, layout, scale, k
     return dq, dk + dkv_local[0], dv + dkv_local[1]
 
 
+def _gather_global(k, v, group, world, s_local, layout, q_device):
+    """All-gathered K/V ``[2, B, S, Hkv, D]`` in global token order, and the order index used."""
+    idx = _gathered_index(world, s_local, layout, True, q_device)
+    if world == 1:
+        return torch.stack([k, v]), idx
+    return _to_sequence(all_gather(torch.stack([k, v]), group), idx), idx
+
+
+def _local_chunks(q, world, rank, layout):
+    """``[(rows, q_offset)]``: each local chunk's rows and global start."""
+    ranges = rank_ranges(world * q.shape[1], rank, world, layout)
+    c = q.shape[1] // len(ranges)
+    return [(slice(i * c, (i + 1) * c), start) for i, (start, _) in enumerate(ranges)]
+
+
+def _masked_forward(q, k, v, group, causal, layout, scale, kernel, world, rank, mask_kw):
+    kv, _ = _gather_global(k, v, group, world, q.shape[1], layout, q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.promote_types(q.dtype, torch.float32),
+                      device=q.device)
+    for qs, qo in _local_chunks(q, world, rank, layout):
+        o_c, l_c = kernel.fwd(_rows(q, qs), kv[0], kv[1], causal=causal, softmax_scale=scale, q_offset=qo,
+                              k_offset=0, **mask_kw)
+        out[:, qs], lse[:, :, qs] = o_c, l_c
+    return out, lse
+
+
+def _masked_backward(dout, q, k, v, out, lse, group, causal, layout, scale, kernel, world, rank, mask_kw):
+    kv, idx = _gather_global(k, v, group, world, q.shape[1], layout, q.device)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # dK/dV of every key, global order
+    for qs, qo in _local_chunks(q, world, rank, layout):
+        dq_c, dk_c, dv_c = kernel.bwd(_rows(dout, qs), _rows(q, qs), kv[0], kv[1], _rows(out, qs),
+                                      _rows(lse, qs, dim=2), causal=causal, softmax_scale=scale, q_offset=qo,
+                                      k_offset=0, **mask_kw)
+        dq[:, qs] += dq_c
+        dkv[0] += dk_c
+        dkv[1] += dv_c
+    if world == 1:
+        return dq, dkv[0], dkv[1]
+    dkv_local = reduce_scatter(_from_sequence(dkv, idx, world), group)   # [2, B, S/P, Hkv, D]
+    return dq, dkv_local[0], dkv_local[1]
+
+
+class _MaskedAllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, layout, scale, kernel, world, rank, mask_kw):
+        out, lse = _masked_forward(q, k, v, group, causal, layout, scale, kernel, world, rank, mask_kw)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, layout, scale, kernel, world, rank, mask_kw)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _masked_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 8
+
+
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, layout, scale, kernel, world, rank):
@@ -145,17 +210,22 @@ class _AllGatherAttention(torch.autograd.Function):
 
 
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, causal: bool = True,
-                        layout: str = "zigzag", softmax_scale=None, local_attn=None) -> torch.Tensor:
+                        layout: str = "zigzag", softmax_scale=None, local_attn=None, cu_seqlens=None,
+                        window_size=None) -> torch.Tensor:
     """Softmax attention of the local queries over the all-gathered keys of ``group``.
 
     q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` (this rank's shard in ``layout``) ->
     out ``[B, S/P, Hq, D]``, differentiable in q, k, v. ``local_attn`` as in
-    :func:`dist_attn.ring.ring_attention`. Raises ``ValueError`` on every rank, before any
+    :func:`dist_attn.ring.ring_attention`; ``cu_seqlens`` (global offsets, CPU or q's device) and
+    ``window_size`` (causal only) mask the gathered keys. Raises ``ValueError`` on every rank, before any
     communication, for an invalid input.
     """
     import torch.distributed as dist
 
     world, scale, kernel = check_softmax_cp_inputs("allgather_attention", q, k, v, group, causal, layout,
-                                                   softmax_scale, local_attn)
+                                                   softmax_scale, local_attn, cu_seqlens, window_size)
     rank = dist.get_rank(group)
-    return _AllGatherAttention.apply(q, k, v, group, causal, layout, scale, kernel, world, rank)
+    if cu_seqlens is None and window_size is None:
+        return _AllGatherAttention.apply(q, k, v, group, causal, layout, scale, kernel, world, rank)
+    mask_kw = dict(cu_seqlens=cu_seqlens, window_size=window_size)
+    return _MaskedAllGatherAttention.apply(q, k, v, group, causal, layout, scale, kernel, world, rank, mask_kw)

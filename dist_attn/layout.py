@@ -68,6 +68,15 @@ def position_ids(seq_len: int, rank: int, world_size: int, layout: str, device=N
     return shard(torch.arange(seq_len, device=device), rank, world_size, layout, dim=0)
 
 
+def rank_ranges(seq_len: int, rank: int, world_size: int, layout: str) -> tuple[tuple[int, int], ...]:
+    """Global token ranges ``[start, end)`` held by ``rank``, in local order (one per chunk): local
+    rows ``[i·C, (i+1)·C)`` are global positions ``[start_i, end_i)``, so a kernel call on chunk i
+    takes ``q_offset = start_i``. Host integers, no tensor."""
+    check_seq_len(seq_len, world_size, layout)
+    c = seq_len // num_chunks(world_size, layout)
+    return tuple((ch * c, (ch + 1) * c) for ch in rank_chunks(rank, world_size, layout))
+
+
 def gathered_to_global_index(seq_len: int, world_size: int, layout: str, device=None) -> torch.Tensor:
     """Index ``idx`` such that ``cat(shards in rank order)[idx]`` is in global order.
 

@@ -33,6 +33,18 @@ Cost per rank per layer (N = S global tokens, b bytes per input element)::
     backward bytes sent  2(P-1)/P · B·N·Hkv·D·(b + 4)   (K/V again + fp32 dK/dV, P-1 hops each)
     forward FLOPs        4·B·Hq·(N/P)·N·D, x0.5 causal (zigzag: equal on every rank); bwd 2.5x
 
+Packed documents and windows (``cu_seqlens`` global offsets, ``window_size``; :mod:`dist_attn.documents`).
+The local rows are chunks with their own global offsets (two in zigzag), so each (local query chunk,
+key chunk) pair with a visible key is one kernel call with the right ``q_offset``/``k_offset`` (the
+kernel skips the invisible key blocks inside it); pairs without one are not computed. Which rank
+needs which rank's block is planned on the host from the offsets (the same table on every rank), and
+the ring becomes direct exchanges at ring distance d = 1..P-1: rank src sends its K/V to src+d only
+if src+d needs them, so a window much shorter than S/P moves only neighbouring blocks (contiguous:
+d = 1; zigzag: d = 1 and d = P-1, one block each) and documents that do not cross a block boundary
+move nothing. Backward: the K/V exchange again, and each computed block's fp32 dK/dV goes straight
+back to its owner at the same distance. Bytes per rank = (blocks it sends) x the ring's per-block
+bytes; with nothing to skip they equal the ring's closed form below.
+
 Measured bf16 rms error vs P (``tests/test_ring.py::test_bf16_drift_vs_ring_size``: one global
 problem B=1, S=256, Hq=4, Hkv=2, D=64, causal zigzag, default CPU kernel; rms(out - ref)/rms(ref)
 with the reference in fp64 on the same bf16 inputs)::
@@ -51,10 +63,12 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.distributed as dist
 
 from dist_attn.checks import check_group, check_qkv, fail
-from dist_attn.comm import RingComm
-from dist_attn.layout import check_layout, check_seq_len
+from dist_attn.comm import RingComm, _record, nbytes
+from dist_attn.documents import check_documents, check_same_on_ranks, host_offsets, ranges_meet, ring_need
+from dist_attn.layout import check_layout, check_seq_len, rank_ranges
 from dist_attn.merge import empty_accumulators, merge_into
 from dist_attn.kernels.interface import LinearKernel, SoftmaxKernel, softmax_kernel_from_autograd
 
@@ -77,8 +91,8 @@ def resolve_local_attn(where: str, local_attn) -> SoftmaxKernel:
     return softmax_kernel_from_autograd(getattr(local_attn, "__name__", "user_attn"), local_attn)
 
 
-def check_softmax_cp_inputs(where: str, q, k, v, group, causal, layout, softmax_scale, local_attn
-                            ) -> tuple[int, float, SoftmaxKernel]:
+def check_softmax_cp_inputs(where: str, q, k, v, group, causal, layout, softmax_scale, local_attn,
+                            cu_seqlens=None, window_size=None) -> tuple[int, float, SoftmaxKernel]:
     """Every check of a softmax CP strategy, all local (no collective), so a bad input raises
     ``ValueError`` on every rank before any communication. Returns ``(P, softmax_scale, kernel)``."""
     check_qkv(where, q, k, v)
@@ -92,6 +106,7 @@ def check_softmax_cp_inputs(where: str, q, k, v, group, causal, layout, softmax_
     kernel = resolve_local_attn(where, local_attn)
     world = check_group(where, group)
     check_seq_len(world * q.shape[1], world, layout, f"{where}: global sequence P*S_local")
+    check_documents(where, cu_seqlens, window_size, causal, world * q.shape[1], q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return world, scale, kernel
 
@@ -187,6 +202,156 @@ def _ring_backward(dout, q, k, v, out, lse, group, causal, layout, scale, kernel
     return dq, dk_own, dv_own
 
 
+# --- documents / windows: host-planned exchanges at ring distance d --------------------------------
+class _Plan:
+    """Host plan of one masked ring call (identical on every rank): for each ring distance d that
+    moves or computes anything, whether this rank sends its block to rank+d, receives the block of
+    rank-d, and which (local query chunk, key chunk) pairs of that block it computes."""
+
+    def __init__(self, rank, world, layout, causal, cu, window_size, s_local):
+        n = world * s_local
+        need = ring_need(cu, causal, window_size, world, layout, n)
+        ranges = [rank_ranges(n, r, world, layout) for r in range(world)]
+        c = s_local // len(ranges[rank])  # tokens per local chunk
+        self.steps = []  # (d, send, recv, [(q_rows, k_rows, q_offset, k_offset)])
+        for d in range(world):
+            src = (rank - d) % world
+            send = d > 0 and need[(rank + d) % world][rank]
+            recv = d > 0 and need[rank][src]
+            pairs = [(slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c), qr[0], kr[0])
+                     for i, qr in enumerate(ranges[rank]) for j, kr in enumerate(ranges[src])
+                     if need[rank][src] and ranges_meet(qr, kr, cu, causal, window_size, n)]
+            if d == 0 or any(need[(r + d) % world][r] for r in range(world)):  # same list on every rank
+                self.steps.append((d, send, recv, pairs))
+
+
+class _Shift:
+    """Point-to-point exchange at ring distance d inside ``group``: send to rank+d and/or receive from
+    rank-d (``back=True``: the reverse direction), asynchronously. Bytes go to the CommRecorder as p2p."""
+
+    def __init__(self, group):
+        self.group, self.rank, self.world = group, dist.get_rank(group), dist.get_world_size(group)
+
+    def _global(self, r):
+        return dist.get_global_rank(self.group, r) if self.group is not None else r
+
+    def post(self, d, send, recv_like, back=False):
+        to, frm = (self.rank + d) % self.world, (self.rank - d) % self.world
+        if back:
+            to, frm = frm, to
+        ops, bufs = [], []
+        for t in send:
+            t = t.contiguous()
+            ops.append(dist.P2POp(dist.isend, t, self._global(to), self.group))
+            _record("p2p", nbytes(t), 0)
+        for t in recv_like:
+            bufs.append(torch.empty_like(t))
+            ops.append(dist.P2POp(dist.irecv, bufs[-1], self._global(frm), self.group))
+            _record("p2p", 0, nbytes(t))
+        return bufs, (dist.batch_isend_irecv(ops) if ops else [])
+
+    @staticmethod
+    def wait(reqs):
+        for r in reqs:
+            r.wait()
+
+
+def _masked_forward(q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size):
+    """Forward over the planned steps; the next step's K/V are in flight during this step's compute."""
+    shift = _Shift(group)
+    out, lse = empty_accumulators(q)
+    mask_kw = dict(cu_seqlens=cu_seqlens, window_size=window_size)
+
+    def post(i):
+        d, send, recv, _ = plan.steps[i]
+        return shift.post(d, [k, v] if send else [], [k, v] if recv else [])
+
+    pending = post(1) if len(plan.steps) > 1 else None
+    for i, (d, send, recv, pairs) in enumerate(plan.steps):
+        if d == 0:
+            kb, vb = k, v
+        else:
+            bufs, reqs = pending
+            shift.wait(reqs)
+            kb, vb = bufs if recv else (None, None)
+            pending = post(i + 1) if i + 1 < len(plan.steps) else None
+        for qs, ks, qo, ko in pairs:
+            o_b, l_b = kernel.fwd(_rows(q, qs), _rows(kb, ks), _rows(vb, ks), causal=causal, softmax_scale=scale,
+                                  q_offset=qo, k_offset=ko, **mask_kw)
+            merge_into(out, lse, o_b, l_b, qs)
+    return out.to(q.dtype), lse
+
+
+def _masked_backward(dout, q, k, v, out, lse, group, causal, layout, scale, kernel, plan, cu_seqlens,
+                     window_size):
+    """Gradients (fp32): K/V exchanged again; the dK/dV of rank-d's block go straight back to it."""
+    shift = _Shift(group)
+    mask_kw = dict(cu_seqlens=cu_seqlens, window_size=window_size)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk_own = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv_own = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    f32 = [dk_own, dv_own]  # shape/dtype templates of the dK/dV messages
+
+    def post(i):
+        d, send, recv, _ = plan.steps[i]
+        return shift.post(d, [k, v] if send else [], [k, v] if recv else [])
+
+    pending, dkv_pending = (post(1) if len(plan.steps) > 1 else None), None
+    for i, (d, send, recv, pairs) in enumerate(plan.steps):
+        if d == 0:
+            kb, vb = k, v
+        else:
+            bufs, reqs = pending
+            shift.wait(reqs)
+            kb, vb = bufs if recv else (None, None)
+            pending = post(i + 1) if i + 1 < len(plan.steps) else None
+        dk_b = torch.zeros_like(dk_own) if pairs else None
+        dv_b = torch.zeros_like(dv_own) if pairs else None
+        for qs, ks, qo, ko in pairs:
+            dq_p, dk_p, dv_p = kernel.bwd(_rows(dout, qs), _rows(q, qs), _rows(kb, ks), _rows(vb, ks),
+                                          _rows(out, qs), _rows(lse, qs, dim=2), causal=causal,
+                                          softmax_scale=scale, q_offset=qo, k_offset=ko, **mask_kw)
+            dq[:, qs] += dq_p
+            dk_b[:, ks] += dk_p
+            dv_b[:, ks] += dv_p
+        if dkv_pending is not None:  # the previous distance's dK/dV for my keys has arrived
+            bufs, reqs, got = dkv_pending
+            shift.wait(reqs)
+            if got:
+                dk_own += bufs[0]
+                dv_own += bufs[1]
+        if d == 0:
+            if pairs:
+                dk_own += dk_b
+                dv_own += dv_b
+            dkv_pending = None
+        else:  # back to rank-d (it needs them iff I received its block); mine from rank+d iff it got mine
+            bufs, reqs = shift.post(d, [dk_b, dv_b] if recv else [], f32 if send else [], back=True)
+            dkv_pending = (bufs, reqs, send)
+    if dkv_pending is not None:
+        bufs, reqs, got = dkv_pending
+        shift.wait(reqs)
+        if got:
+            dk_own += bufs[0]
+            dv_own += bufs[1]
+    return dq, dk_own, dv_own
+
+
+class _MaskedRingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size):
+        out, lse = _masked_forward(q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, layout, scale, kernel, plan, cu_seqlens, window_size)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _masked_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 8
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, layout, scale, kernel):
@@ -203,15 +368,25 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, causal: bool = True,
-                   layout: str = "zigzag", softmax_scale=None, local_attn=None) -> torch.Tensor:
+                   layout: str = "zigzag", softmax_scale=None, local_attn=None, cu_seqlens=None,
+                   window_size=None) -> torch.Tensor:
     """Softmax attention of the local queries over the keys of every rank of ``group``.
 
     q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` (this rank's shard in ``layout``) ->
     out ``[B, S/P, Hq, D]``, differentiable in q, k, v. ``local_attn``: a
     :class:`~dist_attn.kernels.interface.SoftmaxKernel` (default ``dist_attn.kernels.flash_attn.softmax_kernel("auto")``)
     or a differentiable ``fn(q, k, v, *, causal, softmax_scale, q_offset, k_offset) -> (out, lse)``.
+    ``cu_seqlens`` (global document offsets ``[0, ..., S]``, int32/int64, CPU recommended: a CUDA one is
+    copied to the host once per call) and ``window_size`` (left window, causal only) restrict the keys
+    each query sees; invisible blocks are neither computed nor sent (module docstring).
     Raises ``ValueError`` on every rank, before any communication, for an invalid input.
     """
-    _, scale, kernel = check_softmax_cp_inputs("ring_attention", q, k, v, group, causal, layout,
-                                               softmax_scale, local_attn)
-    return _RingAttention.apply(q, k, v, group, causal, layout, scale, kernel)
+    where = "ring_attention"
+    world, scale, kernel = check_softmax_cp_inputs(where, q, k, v, group, causal, layout, softmax_scale,
+                                                   local_attn, cu_seqlens, window_size)
+    if cu_seqlens is None and window_size is None:
+        return _RingAttention.apply(q, k, v, group, causal, layout, scale, kernel)
+    cu = host_offsets(where, cu_seqlens, world * q.shape[1])
+    check_same_on_ranks(where, cu, window_size, group)
+    plan = _Plan(dist.get_rank(group), world, layout, causal, cu, window_size, q.shape[1])
+    return _MaskedRingAttention.apply(q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size)

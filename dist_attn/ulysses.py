@@ -29,6 +29,13 @@ Cost per rank per layer (b bytes per element, N = S global tokens, Dv = D for so
     FLOPs: those of the local op on [B, S, H/P, D], i.e. exactly 1/P of the single-device work.
 
 q, k and v travel in one packed all-to-all (one collective instead of three, same bytes).
+
+Packed documents and windows: after the all-to-all every rank holds the whole sequence in global order
+(for its heads), so ``cu_seqlens`` (global offsets) and ``window_size`` go straight to the local op:
+softmax with offsets 0 (the kernel skips invisible key blocks), linear attention with ``cu_seqlens`` as
+its LOCAL offsets (identical to the global ones here: the state resets at every document start). A
+per-token log gate ``g [B, S/P, H]`` (linear only) travels with q/k/v (same all-to-all when it has
+their dtype, else its own: + (P-1)/P²·B·N·H·4 bytes for an fp32 gate) and is sliced to this rank's heads.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import torch.distributed as dist
 
 from dist_attn import comm
 from dist_attn.checks import check_group, check_qkv, fail
+from dist_attn.documents import check_documents
 from dist_attn.layout import check_layout, check_seq_len, gathered_to_global_index
 from dist_attn.kernels.interface import LinearKernel, SoftmaxKernel
 
@@ -159,6 +167,17 @@ def check_head_split(where: str, hq: int, hkv: int, degree: int, name: str = "Ul
     return rule(where, hq, hkv, degree, name)
 
 
+def _check_gate(where: str, g, b: int, sl: int, heads: int, device) -> None:
+    if not isinstance(g, torch.Tensor) or tuple(g.shape) != (b, sl, heads) or not g.is_floating_point():
+        got = f"{tuple(g.shape)} {g.dtype}" if isinstance(g, torch.Tensor) else type(g).__name__
+        fail(where, f"g as a float tensor [B, S/P, H]=[{b}, {sl}, {heads}] sharded like q", got,
+             "pass one log gate per token and head, or g=None")
+    if g.device != device:
+        fail(where, f"g on q's device {device}", str(g.device), "move g to q's device")
+    if g.device.type == "cpu" and bool((g > 0).any()):  # value check only where it costs no sync
+        fail(where, "g <= 0 (a log gate)", f"max {g.max().item():.4g}", "pass logsigmoid(...) or -softplus(...)")
+
+
 def _check_decay(where: str, decay, heads: int) -> None:
     if not isinstance(decay, torch.Tensor) or decay.shape != (heads,) or not decay.is_floating_point():
         got = f"{tuple(decay.shape)} {decay.dtype}" if isinstance(decay, torch.Tensor) else type(decay).__name__
@@ -171,7 +190,8 @@ def _check_decay(where: str, decay, heads: int) -> None:
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, causal: bool = True,
                       layout: str = "zigzag", softmax_scale: Optional[float] = None, local_attn=None,
-                      decay: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      decay: Optional[torch.Tensor] = None, cu_seqlens=None, window_size=None,
+                      g: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention over a context-parallel group by two all-to-alls (see the module docstring).
 
     Args:
@@ -182,6 +202,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
         softmax_scale: softmax scale (default D^-0.5); for a linear op, its ``scale``.
         local_attn: a SoftmaxKernel (default ``softmax_kernel("auto")``) or a LinearKernel.
         decay: linear only, per-head log decay ``[Hq]`` (<= 0); None means no decay.
+        cu_seqlens: global document offsets ``[0, ..., S]`` (1-D int tensor, CPU or q's device), or None.
+        window_size: softmax only, left window (causal only), or None.
+        g: linear only, per-token log gate ``[B, S/P, H]`` (<= 0) sharded like q, or None.
 
     Returns ``out [B, S/P, Hq, Dv]`` in the same layout. Every check runs before any collective.
     """
@@ -212,19 +235,36 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
                  "pass causal=True, or a SoftmaxKernel for bidirectional attention")
         if decay is not None:
             _check_decay(where, decay, hq)
+        if window_size is not None:
+            fail(where, "window_size=None with a LinearKernel", repr(window_size),
+                 "use decay/g to forget, or a SoftmaxKernel for a sliding window")
+        if g is not None:
+            _check_gate(where, g, b, sl, hq, q.device)
     elif decay is not None:
         fail(where, "decay=None with a SoftmaxKernel", "a decay tensor", "pass a LinearKernel to use decay")
+    elif g is not None:
+        fail(where, "g=None with a SoftmaxKernel", "a gate tensor", "pass a LinearKernel to use a gate")
+    check_documents(where, cu_seqlens, window_size, causal, sl * p, q.device)
     rep = check_head_split(where, hq, hkv, p)
 
     if rep > 1:  # [B, Sl, Hkv, D] -> [B, Sl, P, D]; autograd sums the replicas' gradients
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     order = global_order(sl * p, p, layout, q.device) if p > 1 else None
-    q_h, k_h, v_h = seq_to_head((q, k, v), group, order)  # [B, S, H/P, D] in global token order
+    g_h = None
+    if g is not None and g.dtype == q.dtype:  # the gate rides in the same all-to-all as a D=1 tensor
+        q_h, k_h, v_h, g_h = seq_to_head((q, k, v, g.unsqueeze(-1)), group, order)
+    else:
+        q_h, k_h, v_h = seq_to_head((q, k, v), group, order)  # [B, S, H/P, D] in global token order
+        if g is not None:
+            (g_h,) = seq_to_head((g.unsqueeze(-1),), group, order)
     if linear:
         r, hl = dist.get_rank(group), hq // p
         dec = None if decay is None else decay.detach()[r * hl:(r + 1) * hl]
-        out_h, _ = local_attn(q_h, k_h, v_h, decay=dec, scale=softmax_scale)
+        extra = {key: val for key, val in (("g", None if g_h is None else g_h.squeeze(-1)),
+                                           ("cu_seqlens", cu_seqlens)) if val is not None}
+        out_h, _ = local_attn(q_h, k_h, v_h, decay=dec, scale=softmax_scale, **extra)
     else:
-        out_h, _ = local_attn(q_h, k_h, v_h, causal=causal, softmax_scale=softmax_scale)
+        out_h, _ = local_attn(q_h, k_h, v_h, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+                              window_size=window_size)
     (out,) = head_to_seq((out_h,), group, order)  # [B, S/P, Hq, Dv]
     return out

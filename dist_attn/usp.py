@@ -23,6 +23,10 @@ So one local permutation after the all-to-all (and its inverse before the return
 the causal zigzag schedule of the ring stays balanced. :func:`ring_local_order` builds it from the layouts
 and asserts it is a permutation, and the tests check the explicit construction above.
 
+Packed documents and windows: the ring shards are shards of the SAME global sequence (positions in
+[0, S)), so ``cu_seqlens`` (global offsets) and ``window_size`` pass unchanged to the ring over R, which
+skips invisible blocks and their exchanges (:mod:`dist_attn.ring`), or to the kernel when R = 1.
+
 Cost per rank per layer (b bytes per element, N = S, Dv = D; Hkv' = max(Hkv, U) after KV replication)::
 
     Ulysses, over U:  (U-1)/(U·P) · B·N·D·b·(2Hq + 2Hkv')      forward, and the same backward
@@ -39,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from dist_attn.documents import check_documents
 from dist_attn.groups import check_usp_groups
 from dist_attn.layout import check_seq_len, position_ids
 from dist_attn.ring import check_softmax_cp_inputs, ring_attention
@@ -65,7 +70,7 @@ def ring_local_order(seq_len: int, ulysses_degree: int, ring_size: int, ring_ind
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_group, ring_group,
                   causal: bool = True, layout: str = "zigzag", softmax_scale: Optional[float] = None,
-                  local_attn=None) -> torch.Tensor:
+                  local_attn=None, cu_seqlens=None, window_size=None) -> torch.Tensor:
     """Softmax attention over a CP group of P = U x R ranks (see the module docstring).
 
     Args:
@@ -74,6 +79,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
         ulysses_group, ring_group: this rank's groups from :func:`dist_attn.groups.make_usp_groups`.
         causal, layout, softmax_scale: as in :func:`dist_attn.ring.ring_attention`.
         local_attn: a SoftmaxKernel (default ``softmax_kernel("auto")``) or what ring attention accepts.
+        cu_seqlens, window_size: global document offsets and left window, as in ring attention.
 
     Returns ``out [B, S/P, Hq, D]`` in the same layout. Every check runs before any collective.
     """
@@ -86,6 +92,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
     b, sl, hq, hkv = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     check_seq_len(sl * p, p, layout, f"{where}: global sequence (local {sl} x P={p} = U {u_deg} x R {r_deg})")
     rep = check_head_split(where, hq, hkv, u_deg, "Ulysses degree (U)")
+    check_documents(where, cu_seqlens, window_size, causal, sl * p, q.device)
 
     n = sl * p
     if rep > 1:  # [B, S/P, Hkv, D] -> [B, S/P, U, D]; autograd sums the replicas' gradients
@@ -93,10 +100,12 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
     order = ring_local_order(n, u_deg, r_deg, j, layout, q.device)
     q_r, k_r, v_r = seq_to_head((q, k, v), ulysses_group, order)  # [B, S/R, H/U, D], ring layout over R
     if r_deg == 1:  # the ring is a single rank: plain local attention on the full sequence
-        out_r, _ = kernel(q_r, k_r, v_r, causal=causal, softmax_scale=scale)
+        out_r, _ = kernel(q_r, k_r, v_r, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens,
+                          window_size=window_size)
     else:
         out_r = ring_attention(q_r, k_r, v_r, group=ring_group, causal=causal, layout=layout,
-                               softmax_scale=scale, local_attn=kernel)
+                               softmax_scale=scale, local_attn=kernel, cu_seqlens=cu_seqlens,
+                               window_size=window_size)
     (out,) = head_to_seq((out_r,), ulysses_group, order)  # [B, S/P, Hq, D]
     assert out.shape == (b, sl, hq, q.shape[3])
     return out

@@ -7,8 +7,16 @@ differentiable callable, so a model can use it directly.
 
 Softmax kernels (layout ``[B, S, H, D]``)::
 
-    fwd(q, k, v, *, causal, softmax_scale, q_offset, k_offset) -> (out [B,Sq,Hq,D], lse fp32 [B,Hq,Sq])
-    bwd(dout, q, k, v, out, lse, *, causal, softmax_scale, q_offset, k_offset, dlse=None) -> (dq, dk, dv)
+    fwd(q, k, v, *, causal, softmax_scale, q_offset, k_offset, cu_seqlens=None, window_size=None)
+        -> (out [B,Sq,Hq,D], lse fp32 [B,Hq,Sq])
+    bwd(dout, q, k, v, out, lse, *, causal, softmax_scale, q_offset, k_offset, dlse=None,
+        cu_seqlens=None, window_size=None) -> (dq, dk, dv)
+
+Query row i sits at global position q_offset + i, key j at k_offset + j. ``cu_seqlens`` (1-D int
+tensor [0, e_1, ..., S] of GLOBAL document offsets, on the CPU or q's device) and ``window_size`` W
+(int >= 0, causal only) restrict visibility: p sees t iff doc(p) == doc(t), t <= p if causal and
+p - W <= t (see :mod:`dist_attn.kernels.flash_attn.masks`). Both None: plain causal / full attention.
+
 
 ``bwd`` may be handed the *merged* ``out``/``lse`` of several key blocks (ring attention): with
 P_ij = exp(s_ij - lse_i) and delta_i = rowsum(dout_i * out_i) - dlse_i it then returns exactly this
@@ -69,23 +77,26 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
 
 class _SoftmaxFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kernel, causal, softmax_scale, q_offset, k_offset):
+    def forward(ctx, q, k, v, kernel, causal, softmax_scale, q_offset, k_offset, cu_seqlens=None,
+                window_size=None):
+        mask_kw = {} if cu_seqlens is None and window_size is None else \
+            dict(cu_seqlens=cu_seqlens, window_size=window_size)  # kernels without masks keep working
         out, lse = kernel.fwd(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                              q_offset=q_offset, k_offset=k_offset)
+                              q_offset=q_offset, k_offset=k_offset, **mask_kw)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (kernel, causal, softmax_scale, q_offset, k_offset)
+        ctx.args = (kernel, causal, softmax_scale, q_offset, k_offset, mask_kw)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        kernel, causal, softmax_scale, q_offset, k_offset = ctx.args
+        kernel, causal, softmax_scale, q_offset, k_offset, mask_kw = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = kernel.bwd(dout.contiguous(), q, k, v, out, lse, causal=causal,
                                 softmax_scale=softmax_scale, q_offset=q_offset, k_offset=k_offset,
-                                dlse=dlse)
-        return dq, dk, dv, None, None, None, None, None
+                                dlse=dlse, **mask_kw)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -95,10 +106,12 @@ class SoftmaxKernel:
     fwd: Callable
     bwd: Callable
 
-    def __call__(self, q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
+    def __call__(self, q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, cu_seqlens=None,
+                 window_size=None):
         if softmax_scale is None:
             softmax_scale = q.shape[-1] ** -0.5
-        return _SoftmaxFn.apply(q, k, v, self, causal, softmax_scale, q_offset, k_offset)
+        return _SoftmaxFn.apply(q, k, v, self, causal, softmax_scale, q_offset, k_offset, cu_seqlens, window_size)
+
 
 
 class _LinearFn(torch.autograd.Function):
@@ -141,17 +154,23 @@ class LinearKernel:
 def softmax_kernel_from_autograd(name: str, fn: Callable) -> SoftmaxKernel:
     """Wrap any differentiable ``fn(q,k,v,*,causal,softmax_scale,q_offset,k_offset) -> (out, lse)``
     (e.g. a naive reference) as a :class:`SoftmaxKernel`; ``bwd`` recomputes and uses autograd.
+    ``cu_seqlens``/``window_size`` are passed to ``fn`` only when set, so ``fn`` needs to accept them
+    only if the caller uses documents or windows.
 
     Only exact when ``out``/``lse`` handed to ``bwd`` are this block's own; strategies that merge
     blocks (ring) pass the merged ones, so this adapter rescales: the block's own (o_b, lse_b) are
     recomputed, and the upstream gradients are mapped through the merge weights w = exp(lse_b - lse).
     """
 
+    def _drop_unset(kw):
+        return {key: val for key, val in kw.items() if key not in ("cu_seqlens", "window_size") or val is not None}
+
     def fwd(q, k, v, **kw):
         with torch.no_grad():
-            return fn(q, k, v, **kw)
+            return fn(q, k, v, **_drop_unset(kw))
 
     def bwd(dout, q, k, v, out, lse, *, dlse=None, **kw):
+        kw = _drop_unset(kw)
         with torch.enable_grad():
             qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
             ob, lb = fn(qq, kk, vv, **kw)

@@ -4,7 +4,9 @@ Layout ``[B, S, H, D]``: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` with Hq a
 (GQA/MQA), any head dim D (Triton: D <= 128, padded to a power of two inside the kernel). ``lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`` over the
 visible keys (fp32, or fp64 for fp64 inputs on the torch backend). Causal masking uses global
 positions: query ``q_offset + i`` sees key ``k_offset + j`` iff ``k_offset + j <= q_offset + i``; a
-row that sees no key gets out 0 and lse -inf, and zero (never NaN) gradients.
+row that sees no key gets out 0 and lse -inf, and zero (never NaN) gradients. Packed documents
+(``cu_seqlens``, global offsets) and a left window (``window_size``, causal only) restrict the keys of
+each row to one interval; key blocks outside every row's interval are skipped (:mod:`.masks`).
 
 Backends, picked per call by :func:`dist_attn.kernels.interface.resolve_backend`:
 
@@ -31,14 +33,18 @@ def _impl(backend: str, device):
 
 
 def _make(backend: str) -> SoftmaxKernel:
-    def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
+    def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, cu_seqlens=None,
+            window_size=None):
         return _impl(backend, q.device).fwd(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                            q_offset=q_offset, k_offset=k_offset)
+                                            q_offset=q_offset, k_offset=k_offset, cu_seqlens=cu_seqlens,
+                                            window_size=window_size)
 
-    def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, dlse=None):
+    def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, dlse=None,
+            cu_seqlens=None, window_size=None):
         return _impl(backend, q.device).bwd(dout, q, k, v, out, lse, causal=causal,
                                             softmax_scale=softmax_scale, q_offset=q_offset,
-                                            k_offset=k_offset, dlse=dlse)
+                                            k_offset=k_offset, dlse=dlse, cu_seqlens=cu_seqlens,
+                                            window_size=window_size)
 
     return SoftmaxKernel(f"flash_attn[{backend}]", fwd, bwd)
 
@@ -61,13 +67,14 @@ def softmax_kernel(backend: str = "auto") -> SoftmaxKernel:
 
 
 def flash_attn(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, return_lse=False,
-               backend="auto"):
+               backend="auto", cu_seqlens=None, window_size=None):
     """Differentiable softmax attention; ``(out, lse)`` if ``return_lse`` else ``out``.
 
     q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` -> out ``[B, Sq, Hq, D]``, lse ``[B, Hq, Sq]``;
     out_i = sum_j softmax_j(scale * q_i . k_j) v_j over visible keys, scale = D^-0.5 by default.
-    Gradients flow through both ``out`` and ``lse``.
+    Gradients flow through both ``out`` and ``lse``. ``cu_seqlens`` / ``window_size``: see the module docstring.
     """
     out, lse = softmax_kernel(backend)(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                       q_offset=q_offset, k_offset=k_offset)
+                                       q_offset=q_offset, k_offset=k_offset, cu_seqlens=cu_seqlens,
+                                       window_size=window_size)
     return (out, lse) if return_lse else out

@@ -2,8 +2,9 @@
 
 Same contract as the Triton kernel (see :mod:`dist_attn.kernels.interface`), without autograd inside::
 
-    fwd(q, k, v, *, causal, softmax_scale, q_offset, k_offset)  -> out [B,Sq,Hq,D], lse [B,Hq,Sq]
-    bwd(dout, q, k, v, out, lse, *, ..., dlse=None)            -> dq, dk, dv
+    fwd(q, k, v, *, causal, softmax_scale, q_offset, k_offset, cu_seqlens=None, window_size=None)
+        -> out [B,Sq,Hq,D], lse [B,Hq,Sq]
+    bwd(dout, q, k, v, out, lse, *, ..., dlse=None, cu_seqlens=None, window_size=None) -> dq, dk, dv
 
 Shapes inside: queries are viewed as ``[B, Hkv, G, Sq, D]`` (G = Hq / Hkv query heads per KV head)
 and keys/values as ``[B, Hkv, 1, Sk, D]``, so grouped-query attention is a broadcast matmul and
@@ -16,6 +17,13 @@ Causal skipping: query ``q_offset + i`` sees key ``k_offset + j`` iff ``k_offset
 a tile with ``k_offset + j0 > q_offset + i1 - 1`` is invisible and skipped, a tile with
 ``k_offset + j1 - 1 <= q_offset + i0`` is fully visible and needs no mask.
 
+Documents and windows (``cu_seqlens``, ``window_size``; :mod:`.masks`): every query row i sees the
+local keys [lo_i, hi_i). A row tile [i0, i1) visits only the key tiles meeting [lo_{i0}, hi_{i1-1})
+(the others are skipped), and a tile inside [lo_{i1-1}, hi_{i0}) runs without a mask. The intervals
+are computed where ``cu_seqlens`` lives: on the CPU the skipping is decided on the host for free; for
+a CUDA ``cu_seqlens`` (this backend on a GPU: fp64 tests) every tile runs with a device mask instead,
+so nothing syncs with the host.
+
 Arithmetic runs in ``promote(dtype, float32)`` (fp32 for fp16/bf16, fp64 for fp64); ``lse`` has
 that dtype too (the fp64 strategy tests rely on an fp64 lse). Queries are pre-multiplied by the
 softmax scale once, so s = (scale q) k^T.
@@ -26,6 +34,8 @@ wrappers (kept here because it must not import triton).
 from __future__ import annotations
 
 import torch
+
+from dist_attn.kernels.flash_attn.masks import check_mask_args, has_mask, row_intervals
 
 TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_TILE_ELEMS = 1 << 20  # cap on B * Hq * block * block for one score tile (4 MiB in fp32)
@@ -101,7 +111,33 @@ def _tiles(sq: int, sk: int, block: int, causal: bool, q_offset: int, k_offset: 
                 break  # this and every later key block is invisible to these rows
 
 
-def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
+def _tiles_masked(sq: int, sk: int, block: int, lo: torch.Tensor, hi: torch.Tensor):
+    """As :func:`_tiles` for per-row key intervals ``[lo_i, hi_i)`` (int32 ``[Sq]``). On the CPU only
+    the key tiles meeting [lo(i0), hi(i1-1)) are visited; on another device every tile, masked."""
+    host = lo.device.type == "cpu"
+    lo_l, hi_l = (lo.tolist(), hi.tolist()) if host else (None, None)
+    kidx = torch.arange(sk, device=lo.device)
+    for i0 in range(0, sq, block):
+        i1 = min(i0 + block, sq)
+        j_start, j_end = ((lo_l[i0] // block) * block, hi_l[i1 - 1]) if host else (0, sk)
+        for j0 in range(j_start, j_end, block):
+            j1 = min(j0 + block, sk)
+            if host and lo_l[i1 - 1] <= j0 and j1 <= hi_l[i0]:
+                yield i0, i1, j0, j1, None
+            else:
+                k = kidx[j0:j1]
+                yield i0, i1, j0, j1, (k[None, :] >= lo[i0:i1, None]) & (k[None, :] < hi[i0:i1, None])
+
+
+def _tile_plan(q, sq, sk, block, causal, q_offset, k_offset, cu_seqlens, window_size):
+    if not has_mask(cu_seqlens, window_size):
+        return _tiles(sq, sk, block, causal, q_offset, k_offset)
+    # on cu_seqlens' device (the CPU for a window alone: no device data is needed then)
+    lo, hi = row_intervals(sq, sk, q_offset, k_offset, causal, cu_seqlens, window_size)
+    return _tiles_masked(sq, sk, block, lo, hi)
+
+
+def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, cu_seqlens=None, window_size=None):
     """Tiled online-softmax forward. Returns ``out [B,Sq,Hq,D]`` (q.dtype) and ``lse [B,Hq,Sq]``.
 
     Per tile with scores s, the running max m, sum l and unnormalised output o of its rows are
@@ -110,6 +146,7 @@ def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
     lse -inf. While m' = -inf the exponent base is taken as 0, so nothing becomes NaN.
     """
     check_inputs("flash_attn(torch).fwd", q, k, v)
+    check_mask_args("flash_attn(torch).fwd", q, k.shape[1], causal, q_offset, k_offset, cu_seqlens, window_size)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     qh, kh, vh, _, acc = _prepare(q, k, v, softmax_scale)
@@ -117,7 +154,8 @@ def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
     m = torch.full((b, hkv, g, sq), float("-inf"), dtype=acc, device=q.device)
     l = torch.zeros((b, hkv, g, sq), dtype=acc, device=q.device)
     o = torch.zeros((b, hkv, g, sq, d), dtype=acc, device=q.device)
-    for i0, i1, j0, j1, vis in _tiles(sq, sk, _block_size(b, hq), causal, q_offset, k_offset):
+    for i0, i1, j0, j1, vis in _tile_plan(q, sq, sk, _block_size(b, hq), causal, q_offset, k_offset,
+                                          cu_seqlens, window_size):
         s = torch.matmul(qh[:, :, :, i0:i1], kh[:, :, :, j0:j1].transpose(-1, -2))  # (B,Hkv,G,bq,bk)
         if vis is not None:
             s.masked_fill_(~vis.to(q.device), float("-inf"))
@@ -137,7 +175,8 @@ def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
     return out, lse.reshape(b, hq, sq)
 
 
-def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, dlse=None):
+def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, dlse=None,
+        cu_seqlens=None, window_size=None):
     """Functional tiled backward from the saved ``lse`` (no autograd). Returns ``dq, dk, dv``.
 
     With P = exp(s - lse) (lse may be the merged LSE of several key blocks, which makes P this
@@ -147,6 +186,7 @@ def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0
     Rows with lse = -inf saw no key of any block: lse is taken as +inf there, so P = 0.
     """
     check_inputs("flash_attn(torch).bwd", q, k, v)
+    check_mask_args("flash_attn(torch).bwd", q, k.shape[1], causal, q_offset, k_offset, cu_seqlens, window_size)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -160,7 +200,8 @@ def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0
     dq = torch.zeros_like(qh)
     dk = torch.zeros((b, hkv, sk, d), dtype=acc, device=q.device)
     dv = torch.zeros_like(dk)
-    for i0, i1, j0, j1, vis in _tiles(sq, sk, _block_size(b, hq), causal, q_offset, k_offset):
+    for i0, i1, j0, j1, vis in _tile_plan(q, sq, sk, _block_size(b, hq), causal, q_offset, k_offset,
+                                          cu_seqlens, window_size):
         kb, vb = kh[:, :, :, j0:j1], vh[:, :, :, j0:j1]  # (B, Hkv, 1, bk, D)
         qb, dob = qh[:, :, :, i0:i1], doh[:, :, :, i0:i1]  # (B, Hkv, G, bq, D)
         p = torch.matmul(qb, kb.transpose(-1, -2)).sub_(lse[..., i0:i1, :]).exp_()  # (B,Hkv,G,bq,bk)

@@ -2,8 +2,13 @@
 
 Contract (see :mod:`dist_attn.kernels.interface`; no autograd in here)::
 
-    fwd(q, k, v, *, causal, softmax_scale, q_offset, k_offset)  -> out [B,Sq,Hq,D] (q.dtype), lse fp32 [B,Hq,Sq]
-    bwd(dout, q, k, v, out, lse, *, ..., dlse=None)            -> dq, dk, dv (input dtypes)
+    fwd(q, k, v, *, causal, softmax_scale, q_offset, k_offset, cu_seqlens=None, window_size=None)
+        -> out [B,Sq,Hq,D] (q.dtype), lse fp32 [B,Hq,Sq]
+    bwd(dout, q, k, v, out, lse, *, ..., dlse=None, cu_seqlens=None, window_size=None) -> dq, dk, dv
+
+With documents or a window the per-row key intervals (and, for dK/dV, the per-key query intervals)
+are computed on the device by :mod:`.masks` (a few tiny torch ops, no host sync) and passed to the
+kernels as int32 vectors; without them the kernels derive the causal intervals from the offsets.
 
 Inputs may be non-contiguous: every kernel takes the four strides of each [B, S, H, D] tensor.
 Head dims 32/64/96/128 are padded to the next power of two inside the kernels (masked columns).
@@ -17,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from dist_attn.kernels.flash_attn.masks import check_mask_args, col_intervals, has_mask, row_intervals
 from dist_attn.kernels.flash_attn.torch_kernel import check_inputs
 from dist_attn.kernels.flash_attn.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
 from dist_attn.kernels.flash_attn.triton_fwd import _attn_fwd
@@ -79,9 +85,23 @@ def _scale(q, softmax_scale):
     return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
 
-def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
+def _intervals(fn, q, sq, sk, causal, q_offset, k_offset, cu_seqlens, window_size):
+    """int32 interval vectors on q's device, or two 1-element dummies when there is no mask."""
+    if not has_mask(cu_seqlens, window_size):
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        return dummy, dummy
+    dev = q.device if cu_seqlens is None else cu_seqlens.device
+    if cu_seqlens is None:
+        lo, hi = fn(sq, sk, int(q_offset), int(k_offset), causal, None, window_size, device=dev)
+    else:
+        lo, hi = fn(sq, sk, int(q_offset), int(k_offset), causal, cu_seqlens, window_size)
+    return lo.to(q.device).contiguous(), hi.to(q.device).contiguous()
+
+
+def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, cu_seqlens=None, window_size=None):
     """Flash-attention forward on Triton. Returns ``out [B,Sq,Hq,D]`` (q.dtype) and ``lse`` fp32 ``[B,Hq,Sq]``."""
     check_inputs("flash_attn(triton).fwd", q, k, v, TRITON_DTYPES, MAX_HEAD_DIM)
+    check_mask_args("flash_attn(triton).fwd", q, k.shape[1], causal, q_offset, k_offset, cu_seqlens, window_size)
     _check_int32_offsets("flash_attn(triton).fwd", q, k, v)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -92,19 +112,23 @@ def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0):
     block_d = triton.next_power_of_2(d)
     cfg = _config("fwd", block_d, q.dtype)
     grid = (triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)
-    _attn_fwd[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+    lo, hi = _intervals(row_intervals, q, sq, sk, causal, q_offset, k_offset, cu_seqlens, window_size)
+    _attn_fwd[grid](q, k, v, out, lse, lo, hi, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                     hq, sq, sk, d, hq // hkv, _scale(q, softmax_scale), int(q_offset), int(k_offset),
-                    CAUSAL=bool(causal), BLOCK_D=block_d, DOT_FP32=triton_interpreting(), **cfg)
+                    CAUSAL=bool(causal), INTERVALS=has_mask(cu_seqlens, window_size), BLOCK_D=block_d,
+                    DOT_FP32=triton_interpreting(), **cfg)
     return out, lse
 
 
-def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, dlse=None):
+def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, dlse=None,
+        cu_seqlens=None, window_size=None):
     """Flash-attention backward on Triton from the saved (or merged) ``out``/``lse``.
 
     ``dlse`` ``[B,Hq,Sq]`` is the gradient flowing into ``lse`` (None means zero); it enters only
     through delta = rowsum(dout * out) - dlse. Returns ``dq, dk, dv`` in the input dtypes.
     """
     check_inputs("flash_attn(triton).bwd", q, k, v, TRITON_DTYPES, MAX_HEAD_DIM)
+    check_mask_args("flash_attn(triton).bwd", q, k.shape[1], causal, q_offset, k_offset, cu_seqlens, window_size)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     if dout.shape != q.shape or out.shape != q.shape or tuple(lse.shape) != (b, hq, sq):
@@ -131,12 +155,17 @@ def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0
         out, dout, lse, dlse_t, delta, lse2, *_strides(out), *_strides(dout), hq, sq, d,
         HAS_DLSE=has_dlse, BLOCK_M=pre_m, BLOCK_D=block_d)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    masked = has_mask(cu_seqlens, window_size)
+    qlo, qhi = _intervals(col_intervals, q, sq, sk, causal, q_offset, k_offset, cu_seqlens, window_size)
     cfg = _config("dkdv", block_d, q.dtype)
     _attn_bwd_dkdv[(triton.cdiv(sk, cfg["BLOCK_N"]), b * hkv)](
-        q, k, v, dout, lse2, delta, dk, dv, *common, hq, hkv, sq, sk, d, hq // hkv, scale,
-        int(q_offset), int(k_offset), CAUSAL=bool(causal), BLOCK_D=block_d, DOT_FP32=dot_fp32, **cfg)
+        q, k, v, dout, lse2, delta, dk, dv, qlo, qhi, *common, hq, hkv, sq, sk, d, hq // hkv, scale,
+        int(q_offset), int(k_offset), CAUSAL=bool(causal), INTERVALS=masked, BLOCK_D=block_d,
+        DOT_FP32=dot_fp32, **cfg)
+    lo, hi = _intervals(row_intervals, q, sq, sk, causal, q_offset, k_offset, cu_seqlens, window_size)
     cfg = _config("dq", block_d, q.dtype)
     _attn_bwd_dq[(triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)](
-        q, k, v, dout, lse2, delta, dq, *common, hq, sq, sk, d, hq // hkv, scale,
-        int(q_offset), int(k_offset), CAUSAL=bool(causal), BLOCK_D=block_d, DOT_FP32=dot_fp32, **cfg)
+        q, k, v, dout, lse2, delta, dq, lo, hi, *common, hq, sq, sk, d, hq // hkv, scale,
+        int(q_offset), int(k_offset), CAUSAL=bool(causal), INTERVALS=masked, BLOCK_D=block_d,
+        DOT_FP32=dot_fp32, **cfg)
     return dq, dk, dv
