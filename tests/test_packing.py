@@ -176,3 +176,24 @@ def test_packing_errors(tmp_path):
         shard_packed(good, 2, 2, "contiguous")
     meta = json.load(open(_corpus(tmp_path, [4, 4]) + ".json"))
     assert meta["eos_id"] == EOS and os.path.exists(tmp_path / "docs.bin")
+
+
+def test_balance_pairs_per_rank():
+    from dist_attn.data.balance import imbalance_table, long_tail_lengths, pairs_per_rank, pairs_per_token
+    n = 96
+    one = [0, n]  # a single document: zigzag balances causal work exactly, contiguous does not
+    assert len(set(pairs_per_rank(one, 4, "zigzag").tolist())) == 1
+    contiguous = pairs_per_rank(one, 4, "contiguous")
+    assert contiguous.sum() == n * (n + 1) // 2 and contiguous[-1] > contiguous[0]
+    tiny = list(range(n + 1))  # 1-token documents: every rank attends the same
+    assert pairs_per_rank(tiny, 3, "contiguous").tolist() == [32, 32, 32]
+    cu = [0, 5, 6, 40, 96]
+    pairs = pairs_per_token(cu, window=3)
+    assert pairs[:6].tolist() == [1, 2, 3, 4, 4, 1] and pairs.max() == 4
+    for layout in ("zigzag", "contiguous"):
+        assert pairs_per_rank(cu, 2, layout).sum() == pairs_per_token(cu).sum()
+    lengths = long_tail_lengths(4096, seed=1)
+    assert lengths.sum() == 4096 and lengths.min() >= 1
+    assert np.array_equal(lengths, long_tail_lengths(4096, seed=1))
+    rows = imbalance_table(4096, worlds=(2,), seeds=range(2))
+    assert [r[:2] for r in rows] == [(2, "zigzag"), (2, "contiguous")] and all(r[2] >= 1.0 for r in rows)

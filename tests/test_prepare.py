@@ -70,6 +70,10 @@ def test_files_directory_eos_and_meta(tmp_path):
     assert meta["val_path"] is None and meta["num_skipped"] == 0
     assert vocab_size_from_meta(out) == 257 and TokenDataset(out, 8).eos_id == 256
     assert not _leftovers(tmp_path)
+    # outputs written inside an input directory are not read back on the next run
+    inner = str(corpus / "tokens.bin")
+    first = prepare([str(corpus)], inner, val_fraction=0.5, seed=3)
+    assert prepare([str(corpus)], inner, val_fraction=0.5, seed=3) == first
 
 
 def _jsonl(path, lines):

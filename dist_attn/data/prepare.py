@@ -168,7 +168,10 @@ def prepare(inputs: list, output: str, tokenizer: Optional[str] = None, *, train
 
     output = os.fspath(output)
     _check_args(output, workers, on_error, val_fraction, train_tokenizer, tokenizer)
-    files = expand_inputs(inputs)
+    own = os.path.abspath(output)  # never read our own outputs back (an --input directory holding them)
+    files = [f for f in expand_inputs(inputs) if not (os.path.abspath(f) + ".").startswith(own + ".")]
+    if not files:
+        fail("prepare --input", "inputs other than the outputs", repr(inputs), "point --input at the corpus")
     report = _Reporter(on_error, quiet=not progress)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # our workers are the parallelism
     val_path = val_path_for(output) if val_fraction > 0 else None
