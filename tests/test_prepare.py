@@ -84,7 +84,8 @@ def _jsonl(path, lines):
 
 def test_jsonl_corrupt_line_skip_and_fail(tmp_path, capsys):
     good = [json.dumps({"body": d, "id": i}) for i, d in enumerate(DOCS[:4])]
-    lines = good[:2] + ['{"body": "unterminated', ""] + good[2:3] + ['{"id": 7}'] + good[3:]
+    lines = good[:2] + ['{"body": "unterminated', ""] + good[2:3] + ['{"id": 7}'] + good[3:] + \
+        ['{"body": "lone \\ud800 surrogate"}']
     src = tmp_path / "docs.jsonl"
     _jsonl(src, lines)
     gz = tmp_path / "more.jsonl.gz"
@@ -102,8 +103,9 @@ def test_jsonl_corrupt_line_skip_and_fail(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "docs.jsonl:3" in err and "docs.jsonl:6" in err and "no string field 'body'" in err
     meta = json.load(open(out + ".json"))
-    assert meta["num_skipped"] == 2 and meta["skipped"][0].startswith(f"{src}:3: not a JSON line (")
+    assert meta["num_skipped"] == 3 and meta["skipped"][0].startswith(f"{src}:3: not a JSON line (")
     assert meta["skipped"][1].startswith(f"{src}:6: no string field 'body'")
+    assert meta["skipped"][2].startswith(f"{src}:8: invalid Unicode")
     assert meta["text_field"] == "body" and meta["num_documents"] == 5
     assert _docs_of(out, 256) == [tuple(list(d.encode()) + [256]) for d in DOCS[:4] + ["from a gzip file"]]
 
@@ -165,7 +167,7 @@ def test_validation_split_by_document(tmp_path):
     assert not set(train_docs) & set(val_docs), "no document on both sides (duplicates stay together)"
     assert sorted(train_docs + val_docs) == sorted(tuple(list(d.encode()) + [256]) for d in docs)
     assert 4 <= len(val_docs) <= 22  # ~0.2 of 63
-    assert resolve_val_path(out) == os.path.abspath(val)
+    assert resolve_val_path(out) == val
     # deterministic: the same seed gives the same files; another seed another split
     again = str(tmp_path / "again.bin")
     prepare([str(tmp_path / "c")], again, val_fraction=0.2, seed=11, workers=1)
@@ -237,6 +239,8 @@ def test_errors(tmp_path):
         prepare([str(tmp_path / "c")], out, val_fraction=1.0)
     with pytest.raises(ValueError, match="workers"):
         prepare([str(tmp_path / "c")], out, workers=0)
+    with pytest.raises(ValueError, match="eos-token.*drop"):
+        prepare([str(tmp_path / "c")], out, eos_token="</s>")
     tok_json = out + ".tokenizer.json"
     with pytest.raises(ValueError, match="eos-token.*Fix"):
         prepare([str(tmp_path / "c")], out, tok_json, eos_token="<nope>")

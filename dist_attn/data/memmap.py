@@ -79,9 +79,9 @@ def resolve_val_path(data_path: Optional[str], val_path: Optional[str] = None) -
         return os.fspath(val_path)
     if data_path:
         meta = read_meta(os.fspath(data_path)) or {}
-        cand = meta.get("val_path") or val_path_for(data_path)
-        if os.path.isfile(cand):
-            return cand
+        for cand in (val_path_for(data_path), meta.get("val_path")):  # beside it (moved directories) first
+            if cand and os.path.isfile(cand):
+                return cand
     return None
 
 

@@ -144,7 +144,7 @@ def _training_texts(files, text_field, report, seed, val_fraction, bar) -> Itera
             yield text
 
 
-def _check_args(output, workers, on_error, val_fraction, train_tokenizer, tokenizer):
+def _check_args(output, workers, on_error, val_fraction, train_tokenizer, tokenizer, eos_token):
     out_dir = os.path.dirname(os.path.abspath(output))
     if os.path.isdir(output) or not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         fail("prepare --output", "a file path in an existing writable directory", repr(output),
@@ -157,6 +157,9 @@ def _check_args(output, workers, on_error, val_fraction, train_tokenizer, tokeni
         fail("prepare --val-fraction", "a fraction in [0, 1)", repr(val_fraction), "pass e.g. 0.01")
     if train_tokenizer is not None and tokenizer not in (None, "byte"):
         fail("prepare", "either --tokenizer or --train-tokenizer", "both", "drop one of them")
+    if eos_token is not None and tokenizer in (None, "byte"):
+        fail("prepare --eos-token", "a --tokenizer tokenizer.json to look it up in",
+             "the byte level or a trained tokenizer (their EOS is fixed)", "drop --eos-token")
 
 
 def prepare(inputs: list, output: str, tokenizer: Optional[str] = None, *, train_tokenizer: Optional[int] = None,
@@ -167,7 +170,7 @@ def prepare(inputs: list, output: str, tokenizer: Optional[str] = None, *, train
     from tqdm import tqdm
 
     output = os.fspath(output)
-    _check_args(output, workers, on_error, val_fraction, train_tokenizer, tokenizer)
+    _check_args(output, workers, on_error, val_fraction, train_tokenizer, tokenizer, eos_token)
     own = os.path.abspath(output)  # never read our own outputs back (an --input directory holding them)
     files = [f for f in expand_inputs(inputs) if not (os.path.abspath(f) + ".").startswith(own + ".")]
     if not files:

@@ -130,6 +130,11 @@ def _jsonl(path: str, field: str, report: Reporter) -> Iterator[Doc]:
                 report(loc, f"no string field {field!r} (a {type(record).__name__} with "
                             f"{type(text).__name__ if text is not None else 'no such field'}); set --text-field")
                 continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON allows lone surrogates ("\ud800"); no tokenizer does
+                report(loc, f"invalid Unicode in field {field!r} ({e})")
+                continue
             yield Doc(location=loc, text=text)
 
 

@@ -119,7 +119,7 @@ class DocError(Exception):
 def read_document(doc: Doc, want_text: bool) -> tuple:
     """``(UTF-8 bytes, text or None)`` of a document; raises :class:`DocError` if unreadable."""
     if doc.text is not None:
-        return doc.text.encode("utf-8", errors="surrogatepass"), doc.text
+        return doc.text.encode("utf-8"), doc.text
     try:
         with open(doc.path, "rb") as f:
             data = f.read()
