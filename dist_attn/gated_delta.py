@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from dist_attn import comm
 from dist_attn.checks import check_group, check_qkv, fail
+from dist_attn.documents import check_documents, host_offsets
 from dist_attn.layout import check_layout, check_seq_len, num_chunks, rank_chunks
 from dist_attn.kernels.gated_delta.interface import DeltaKernel, delta_kernel_from_autograd
 
@@ -83,7 +84,7 @@ class _Plan:
         for j in self.ids:
             a = j * self.cl
             inner = sorted({x - a for x in starts if a < x < a + self.cl})
-            self.local_cu.append(torch.tensor([0] + inner + [self.cl]) if inner else None)
+            self.local_cu.append(torch.tensor([0] + inner + [self.cl], dtype=torch.long) if inner else None)
 
 
 def _run_fwd(kernel, plan, q, k, v, beta, g, init, scale):
@@ -207,22 +208,6 @@ def _check_gate(name, t, q, lo_ok, hi_ok, expected, fix):
             fail(_WHERE, expected, f"{int((~ok).sum())} values outside", fix)
 
 
-def _check_cu(cu_seqlens, s_glob: int) -> Optional[list[int]]:
-    """GLOBAL cu_seqlens [0, ..., S] non-decreasing -> host list (a CUDA tensor is copied once)."""
-    if cu_seqlens is None:
-        return None
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() \
-            or cu_seqlens.numel() < 2:
-        fail(_WHERE, "cu_seqlens a 1-D integer tensor [0, e_1, ..., S] of global document offsets",
-             f"{type(cu_seqlens).__name__} {tuple(getattr(cu_seqlens, 'shape', ()))}",
-             "pass torch.tensor([0, ..., S], dtype=torch.int32), the same on every rank")
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    if cu[0] != 0 or cu[-1] != s_glob or any(b < a for a, b in zip(cu, cu[1:])):
-        fail(_WHERE, f"cu_seqlens non-decreasing from 0 to the global length {s_glob}", str(cu[:8]),
-             "pass global document offsets (P·S_local at the end), the same on every rank")
-    return cu
-
-
 def _validate(q, k, v, beta, g, group, layout, scale, cu_seqlens, local_kernel):
     """Every check is local, so a bad input raises on every rank holding it, before any collective."""
     p = check_group(_WHERE, group)
@@ -242,7 +227,8 @@ def _validate(q, k, v, beta, g, group, layout, scale, cu_seqlens, local_kernel):
         fail(_WHERE, "scale a Python number or None", type(scale).__name__, "pass float(scale)")
     check_layout(layout, f"{_WHERE}: layout")
     check_seq_len(p * s_loc, p, layout, f"{_WHERE}: global sequence P·S_local = {p}·{s_loc}")
-    cu = _check_cu(cu_seqlens, p * s_loc)
+    check_documents(_WHERE, cu_seqlens, None, True, p * s_loc, q.device)
+    cu = host_offsets(_WHERE, cu_seqlens, p * s_loc)  # a CUDA cu_seqlens costs one copy to the host
     if local_kernel is None:
         from dist_attn.kernels.gated_delta import delta_kernel
         local_kernel = delta_kernel("auto")
@@ -269,6 +255,6 @@ def gated_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bet
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     plan = _Plan(group, layout, q.shape[1], cu)
     if plan.n == 1:
-        local = None if cu is None else torch.tensor(cu)
+        local = None if cu is None else torch.tensor(cu, dtype=torch.long)
         return _PlainFn.apply(q, k, v, beta, g, local, scale, kernel)
     return _GatedDeltaFn.apply(q, k, v, beta, g, group, plan, scale, kernel)
