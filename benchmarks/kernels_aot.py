@@ -15,7 +15,8 @@ shared memory is Triton's own figure (dynamic shared memory of the launch); ``wg
 Configurations: flash attention B=2, S=8192, H=16, D 64 and 128, MHA and GQA 4:1, bf16, causal
 (forward, and backward with a gradient into the LSE); lightning B=1, H=8, S=8192, D=128, bf16 with
 decay, initial state and a final-state gradient, and with per-token gates and documents. Needs a
-Triton with the NVIDIA backend (3.6 or 3.7: the binder API is the same in both); no GPU.
+Triton with the NVIDIA backend whose JITFunction has ``_pack_args`` (3.4 to 3.7; checked with 3.7.1),
+no GPU.
 """
 from __future__ import annotations
 
@@ -85,6 +86,9 @@ def compile_launch(launch: Launch):
     from triton.runtime.jit import create_function_from_signature
     fn, kwargs = launch.fn, dict(launch.kwargs)
     kwargs.pop("_grid")
+    if not hasattr(fn, "_pack_args"):
+        raise RuntimeError(f"kernels_aot: expected a Triton whose JITFunction has _pack_args (3.4-3.7), got "
+                           f"Triton {triton.__version__}. Fix: run it with the CPU pin (constraints-cpu.txt).")
     backend = make_backend(_target())
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
