@@ -147,7 +147,7 @@ cat "$RES/gpu_check_env.json" >> "$SUMMARY"; echo >> "$SUMMARY"
 
 # --- a: correctness on CUDA --------------------------------------------------------------------------
 run_stage tests 30 120 "$PY" -m pytest -q -x -p no:cacheprovider -o addopts="" --timeout=110 \
-    tests/test_gpu_check.py tests/test_lightning_triton.py
+    tests/test_gpu_check.py tests/test_lightning_triton.py tests/test_sdpa_kernel.py
 
 # --- c before b: the training loop is one number that must not be lost to a long sweep -------------
 TRAIN_DIR=$(mktemp -d)

@@ -8,6 +8,7 @@
 Ops compared (each skipped with a note when unavailable):
 
 * ``flash_attn``  -- ours (:func:`dist_attn.kernels.flash_attn.flash_attn`, Triton on GPU);
+* ``sdpa_kernel`` -- ours through torch's flash ops (:mod:`dist_attn.kernels.flash_attn.sdpa_kernel`);
 * ``sdpa``        -- ``torch.nn.functional.scaled_dot_product_attention`` (inputs pre-laid out [B,H,S,D]);
 * ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient`` -- the same, pinned to one backend
   (``torch.nn.attention.sdpa_kernel``);
@@ -45,7 +46,7 @@ import torch
 from benchmarks.common import device_name, write_results
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SOFTMAX_OPS = ("flash_attn", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attn_pkg")
+SOFTMAX_OPS = ("flash_attn", "sdpa_kernel", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attn_pkg")
 LINEAR_OPS = ("lightning_attn", "fla_simple_gla", "gated_delta", "fla_gated_delta")
 DEFAULT_OPS = ("flash_attn", "sdpa", "flash_attn_pkg", "lightning_attn", "fla_simple_gla")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -71,6 +72,10 @@ def _make_op(name: str, causal: bool):
     if name == "sdpa":
         import torch.nn.functional as F
         return "bhsd", lambda q, k, v, g: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name == "sdpa_kernel":
+        from dist_attn.kernels.flash_attn.sdpa_kernel import sdpa_softmax_kernel
+        kern = sdpa_softmax_kernel()
+        return "bshd", lambda q, k, v, g: kern(q, k, v, causal=causal)[0]
     if name.startswith("sdpa_"):
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -184,7 +189,7 @@ def parse_args(argv=None):
 def gpu_check_points(full_ops=True) -> list[tuple]:
     """The ordered points of ``--preset gpu_check``: ``(op, seq, head_dim, causal)``, most important
     first, so that a budget cut drops the least informative ones."""
-    flash_peers = ["flash_attn", "sdpa_cudnn", "sdpa_flash", "flash_attn_pkg"]
+    flash_peers = ["flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_kernel", "flash_attn_pkg"]
     pts = [(op, 8192, 128, True) for op in flash_peers + ["sdpa_efficient"]]
     pts += [(op, 16384, 128, True) for op in ("lightning_attn", "fla_simple_gla")]
     pts += [(op, s, 128, True) for s in (2048, 4096, 16384, 32768) for op in flash_peers]

@@ -168,3 +168,34 @@ def test_cuda_strategies_at_p1_vs_fp64():
     finally:
         if own:
             dist.destroy_process_group()
+
+
+@needs_cuda
+@pytest.mark.skipif(not CUDA, reason="torch's CUDA flash ops")
+@pytest.mark.parametrize("causal,sq,sk", [(True, 517, 517), (False, 129, 700)], ids=["diag-causal", "full"])
+def test_cuda_sdpa_fast_path_vs_fp64(causal, sq, sk):
+    """torch's flash ops behind the SoftmaxKernel contract (varlen form, GQA, LSE layout), no fallback."""
+    from dist_attn.kernels.flash_attn.naive import attention_ref
+    from dist_attn.kernels.flash_attn.sdpa_kernel import sdpa_softmax_kernel
+
+    class Refuse:
+        name = "refuse"
+
+        def fwd(self, *a, **k):
+            raise AssertionError("fallback used for a covered call")
+        bwd = fwd
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(4)
+    q, dout = (torch.randn(2, sq, 8, 128, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(2, sk, 2, 128, generator=gen).to(dtype) for _ in range(2))
+    ref = [t.double().requires_grad_(True) for t in (q, k, v)]
+    o_ref, l_ref = attention_ref(*ref, causal=causal)
+    o_ref.backward(dout.double())
+    kern = sdpa_softmax_kernel(fallback=Refuse())
+    qd, kd, vd = q.to(DEV), k.to(DEV), v.to(DEV)
+    out, lse = kern.fwd(qd, kd, vd, causal=causal)
+    grads = kern.bwd(dout.to(DEV), qd, kd, vd, out, lse, causal=causal)
+    assert_close("out", o_ref, out, dtype)
+    assert_close("lse", l_ref, lse, dtype)
+    for name, r, g in zip(("dq", "dk", "dv"), ref, grads):
+        assert_close(name, r.grad, g, dtype)
