@@ -47,6 +47,7 @@ import functools
 import torch
 
 from dist_attn.comm import all_gather, reduce_scatter
+from dist_attn.documents import check_same_on_ranks
 from dist_attn.layout import gathered_to_global_index, rank_ranges
 from dist_attn.merge import empty_accumulators, merge_into
 from dist_attn.ring import _ALL, _rows, check_softmax_cp_inputs
@@ -227,5 +228,8 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     rank = dist.get_rank(group)
     if cu_seqlens is None and window_size is None:
         return _AllGatherAttention.apply(q, k, v, group, causal, layout, scale, kernel, world, rank)
+    if cu_seqlens is None or cu_seqlens.device.type == "cpu":  # debug-mode cross-rank check (free otherwise)
+        check_same_on_ranks("allgather_attention", None if cu_seqlens is None else tuple(cu_seqlens.tolist()),
+                            window_size, group)
     mask_kw = dict(cu_seqlens=cu_seqlens, window_size=window_size)
     return _MaskedAllGatherAttention.apply(q, k, v, group, causal, layout, scale, kernel, world, rank, mask_kw)

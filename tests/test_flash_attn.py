@@ -43,6 +43,8 @@ class Case:
     q_offset: int = 0
     k_offset: int = 0
     b: int = 2
+    cu: tuple | None = None  # global document offsets (cu_seqlens)
+    window: int | None = None
 
 
 CASES = {c.id: c for c in [
@@ -81,6 +83,9 @@ def _check(case: Case, dtype, backend):
     q, k, v, w, c = _inputs(case, dtype)
     dev = _device(backend)
     kw = dict(causal=case.causal, q_offset=case.q_offset, k_offset=case.k_offset)
+    if case.cu is not None or case.window is not None:
+        kw.update(cu_seqlens=None if case.cu is None else torch.tensor(case.cu, dtype=torch.int32),
+                  window_size=case.window)
     leaves = [t.detach().to(dev).requires_grad_(True) for t in (q, k, v)]
     out, lse = flash_attn(*leaves, return_lse=True, backend=backend, **kw)
     _loss(out, lse, w.to(dev), c.to(dev)).backward()
@@ -99,6 +104,66 @@ def _check(case: Case, dtype, backend):
     if empty.any():
         assert (out.transpose(1, 2).cpu()[empty] == 0).all()
         assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+# packed documents and windows: boundaries on the 64-token tile edge, 1-token and empty documents,
+# offsets, windows 0 / small / large, GQA, rows that see no key (window past the key block)
+DOC_CASES = {c.id: c for c in [
+    Case("docs-causal-gqa", 150, 150, 4, 2, 32, True, cu=(0, 1, 64, 64, 100, 128, 150)),
+    Case("docs-full-offsets-mqa", 70, 90, 2, 1, 32, False, q_offset=60, k_offset=50, cu=(0, 1, 64, 100, 101, 140, 200)),
+    Case("window5-offsets", 150, 130, 2, 2, 32, True, q_offset=20, k_offset=0, window=5),
+    Case("window0-docs", 90, 90, 2, 1, 16, True, cu=(0, 3, 64, 90), window=0),
+    Case("window100-docs-offsets", 100, 200, 4, 1, 32, True, q_offset=100, k_offset=0, cu=(0, 64, 65, 190, 256),
+         window=100),
+    Case("window-empty-rows", 40, 80, 2, 1, 32, True, q_offset=70, k_offset=0, cu=(0, 60, 200), window=15, b=1),
+]}
+DOC_DTYPES = [F64, F32, BF16]
+
+
+@pytest.mark.parametrize("dtype", DOC_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", DOC_CASES.values(), ids=lambda c: c.id)
+def test_torch_backend_documents_and_windows(case, dtype, small_torch_blocks):
+    _check(case, dtype, "torch")
+
+
+@pytest.mark.parametrize("case_id,dtype", [("docs-full-offsets-mqa", F32), ("window0-docs", F32),
+                                           ("window-empty-rows", BF16)], ids=lambda x: str(x).replace("torch.", ""))
+def test_triton_backend_documents_and_windows(case_id, dtype):
+    _check(DOC_CASES[case_id], dtype, "triton")
+
+
+def test_documents_skip_invisible_tiles(monkeypatch):
+    """The torch backend visits only tiles that meet some row's interval: with a window of 5 over 512
+    tokens (64-token tiles) that is the diagonal tile and its left neighbour, not the causal triangle."""
+    monkeypatch.setattr(torch_kernel, "_MAX_TILE_ELEMS", 1)
+    q = torch.randn(1, 512, 1, 16)
+    seen = []
+    orig = torch_kernel._tile_plan
+
+    def spy(*a, **kw):
+        tiles = list(orig(*a, **kw))
+        seen.extend((t[0], t[2]) for t in tiles)
+        return tiles
+    monkeypatch.setattr(torch_kernel, "_tile_plan", spy)
+    torch_kernel.fwd(q, q, q, causal=True, window_size=5)
+    assert sorted(seen) == sorted([(i, i) for i in range(0, 512, 64)] + [(i, i - 64) for i in range(64, 512, 64)])
+    seen.clear()
+    torch_kernel.fwd(q, q, q, causal=True, cu_seqlens=torch.tensor([0, 64, 128, 512]))
+    assert (0, 64) not in seen and (64, 0) not in seen and (128, 64) not in seen and (448, 128) in seen
+
+
+def test_bad_documents_and_windows_raise_value_error():
+    q = torch.zeros(1, 8, 2, 16)
+    kern = softmax_kernel("torch")
+    for kw, phrase in [(dict(cu_seqlens=torch.tensor([0.0, 8.0])), "int32/int64"),
+                       (dict(cu_seqlens=torch.tensor([1, 8])), "start at 0"),
+                       (dict(cu_seqlens=torch.tensor([0, 5, 3, 8])), "never decrease"),
+                       (dict(cu_seqlens=torch.tensor([0, 6])), "inside"),
+                       (dict(window_size=-1), "int >= 0"),
+                       (dict(window_size=3, causal=False), "causal=True")]:
+        kw = dict(dict(causal=True, softmax_scale=None, q_offset=0, k_offset=0), **kw)
+        with pytest.raises(ValueError, match=phrase):
+            kern.fwd(q, q, q, **kw)
 
 
 # --- torch backend: every case x every dtype, with 64 x 64 tiles so all tile paths run ----------
@@ -137,7 +202,7 @@ def test_triton_gpu_tile_shapes(case_id, dtype, monkeypatch):
 
 
 # --- the real (non-interpreted) compiler: the kernels lower to sm_90 cubins without a GPU ---------
-def compile_for_sm90(dtype_name: str, block_d: int, causal: bool) -> None:
+def compile_for_sm90(dtype_name: str, block_d: int, causal: bool, intervals: bool = False) -> None:
     """Compile every flash-attn kernel with the GPU tile heuristic for an H100 target (run in a
     process without TRITON_INTERPRET, where ``triton.jit`` builds compilable kernels)."""
     import triton
@@ -151,13 +216,14 @@ def compile_for_sm90(dtype_name: str, block_d: int, causal: bool) -> None:
     tt = dtype_name  # Triton's pointer type names: bf16, fp16, fp32
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     fp32_ptrs = {"LSE", "DLSE", "DELTA", "LSE2"}
+    i32_ptrs = {"LO", "HI", "QLO", "QHI"}
     for fn, kind in ((_attn_fwd, "fwd"), (_bwd_preprocess, None), (_attn_bwd_dkdv, "dkdv"), (_attn_bwd_dq, "dq")):
         if kind is None:
             consts, opts = dict(HAS_DLSE=True, BLOCK_M=64, BLOCK_D=block_d), {}
         else:
             cfg = gpu_config(kind, block_d, torch_dtype)
-            consts = dict(CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
-                          DOT_FP32=False)
+            consts = dict(CAUSAL=causal, INTERVALS=intervals, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                          BLOCK_D=block_d, DOT_FP32=False)
             opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         sig = {}
         for name in fn.arg_names:
@@ -165,6 +231,8 @@ def compile_for_sm90(dtype_name: str, block_d: int, causal: bool) -> None:
                 sig[name] = "constexpr"
             elif name in fp32_ptrs:
                 sig[name] = "*fp32"
+            elif name in i32_ptrs:
+                sig[name] = "*i32"
             elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
                 sig[name] = "*" + tt
             else:
@@ -172,13 +240,14 @@ def compile_for_sm90(dtype_name: str, block_d: int, causal: bool) -> None:
         triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-@pytest.mark.parametrize("dtype_name,block_d,causal", [("bf16", 128, True), ("fp32", 64, False)],
-                         ids=["bf16-d128-causal", "fp32-d64-full"])
-def test_triton_kernels_compile_for_sm90(dtype_name, block_d, causal, tmp_path):
+@pytest.mark.parametrize("dtype_name,block_d,causal,intervals", [("bf16", 128, True, False), ("fp32", 64, True, True)],
+                         ids=["bf16-d128-causal", "fp32-d64-documents"])
+def test_triton_kernels_compile_for_sm90(dtype_name, block_d, causal, intervals, tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache, so the compiler really runs
-    code = f"from tests.test_flash_attn import compile_for_sm90; compile_for_sm90({dtype_name!r}, {block_d}, {causal})"
+    code = (f"from tests.test_flash_attn import compile_for_sm90; "
+            f"compile_for_sm90({dtype_name!r}, {block_d}, {causal}, {intervals})")
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
 

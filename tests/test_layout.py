@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dist_attn.layout import (check_layout, check_seq_len, gathered_to_global_index, position_ids,
-                              shard, unshard)
+                              rank_ranges, shard, unshard)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -34,3 +34,13 @@ def test_layout_errors():
         check_seq_len(100, 4, "zigzag")
     with pytest.raises(ValueError, match="divisible by 3"):
         shard(torch.zeros(1, 10, 1, 1), 0, 3, "contiguous")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_rank_ranges_are_the_positions_of_the_local_chunks(layout, p):
+    s = 2 * p * 5
+    for r in range(p):
+        ranges = rank_ranges(s, r, p, layout)
+        assert len(ranges) == (2 if layout == "zigzag" else 1)
+        assert torch.equal(torch.cat([torch.arange(a, b) for a, b in ranges]), position_ids(s, r, p, layout))
