@@ -9,8 +9,10 @@ each layer holds one of our two mixers, chosen by the layer's *global* number fr
 ``ModelConfig.layer_types`` (so a pipeline stage or virtual stage builds the types of the layers it
 owns). Megatron's own ``SelfAttention`` does not fit: its output gate is elementwise where ours is
 one scalar per head, its RoPE assumes its own zigzag slicing of the sequence, and its CP needs
-TransformerEngine. The norms are this project's ``RMSNorm`` so that the function is exactly
-:class:`~dist_attn.model.hybrid.HybridLM`'s.
+TransformerEngine. The norms are this project's ``RMSNorm`` and the mixers' math is
+:mod:`dist_attn.model.mixers` (the functions HybridLM's layers call), so the function is exactly
+:class:`~dist_attn.model.hybrid.HybridLM`'s: the classes here own only the fused tensor-parallel
+projections, the TP slices (heads, decay) and the ``[s, b, ...] <-> [b, s, ...]`` layout changes.
 
 Layouts (legend). Megatron's activations are ``[s, b, h]``: s = S/P local tokens (P = CP size),
 b micro-batch, h = d_model. Ours are ``[B, S/P, H, D]``. The conversion happens at the attention
@@ -31,7 +33,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected, we use neither
     warnings.simplefilter("ignore")
@@ -44,11 +45,11 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
     from megatron.core.transformer.transformer_layer import (TransformerLayer, TransformerLayerSubmodules,
                                                              get_transformer_layer_offset)
 
-from dist_attn import dispatch  # noqa: E402
 from dist_attn.context import CPContext  # noqa: E402
 from dist_attn.layout import position_ids  # noqa: E402
 from dist_attn.model.config import ModelConfig  # noqa: E402
-from dist_attn.model.layers import RMSNorm, apply_rope, decay_schedule  # noqa: E402
+from dist_attn.model.layers import RMSNorm, decay_schedule  # noqa: E402
+from dist_attn.model.mixers import linear_mix, softmax_mix  # noqa: E402
 
 
 class MegatronRMSNorm(RMSNorm):
@@ -120,7 +121,7 @@ class SoftmaxMixer(_Mixer):
         self.linear_qkvg = self._column(m.kv_heads * per_group)
         self.linear_proj = self._row(m.n_heads * self.hd)
 
-    def forward(self, hidden_states, attention_mask=None, **_unused):
+    def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, **_unused):
         s, b, _ = hidden_states.shape
         mixed, _ = self.linear_qkvg(hidden_states)       # [s, b, G·per_group]
         mixed = mixed.view(s, b, self.groups, -1)
@@ -128,13 +129,10 @@ class SoftmaxMixer(_Mixer):
         parts = torch.split(mixed, sizes, dim=-1)
         q = parts[0].reshape(s, b, self.hq, self.hd).transpose(0, 1)   # [b, s, Hq/T, D]
         k, v = parts[1].transpose(0, 1), parts[2].transpose(0, 1)       # [b, s, Hkv/T, D]
-        pos = self._positions(s, hidden_states.device)
-        theta = self.model_cfg.rope_theta
-        q, k = apply_rope(q, pos, theta).contiguous(), apply_rope(k, pos, theta).contiguous()
-        o = dispatch.softmax_attention(q, k, v.contiguous(), cp=self.cp, causal=True)  # [b, s, Hq/T, D]
-        if self.gated:
-            gate = parts[3].reshape(s, b, self.hq).transpose(0, 1)          # [b, s, Hq/T]
-            o = o * torch.sigmoid(gate).unsqueeze(-1)                        # one scalar per head
+        gate = parts[3].reshape(s, b, self.hq).transpose(0, 1) if self.gated else None  # [b, s, Hq/T]
+        o = softmax_mix(q, k, v.contiguous(), position_ids=self._positions(s, hidden_states.device),
+                        theta=self.model_cfg.rope_theta, cp=self.cp, gate=gate,
+                        cu_seqlens=cu_seqlens)                              # [b, s, Hq/T, D]
         o = o.transpose(0, 1).reshape(s, b, self.hq * self.hd)              # [s, b, Hq/T·D]
         return self.linear_proj(o)                                          # (out [s, b, d], None)
 
@@ -168,19 +166,13 @@ class LinearMixer(_Mixer):
             return w
         return tensor_parallel.copy_to_tensor_model_parallel_region(w, group=self.tp_group)
 
-    def forward(self, hidden_states, attention_mask=None, **_unused):
+    def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, **_unused):
         s, b, _ = hidden_states.shape
         mixed, _ = self.linear_qkvg(hidden_states)                      # [s, b, H/T·4D]
-        q, k, v, g = mixed.view(s, b, self.h, 4 * self.hd).split(self.hd, dim=-1)  # [s, b, H/T, D] each
-        q = F.silu(q).transpose(0, 1).contiguous()                      # [b, s, H/T, D]
-        k = F.silu(k).transpose(0, 1).contiguous()
-        v = v.transpose(0, 1).contiguous()
-        o = dispatch.linear_attention(q, k, v, cp=self.cp, decay=self.log_decay.float(), scale=self.hd ** -0.5)
-        # RMSNorm over D per head (the math of RMSNorm.forward, with the TP-reduced gain)
-        of = o.float()
-        o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.out_norm.eps)
-             * self._norm_weight().float()).to(o.dtype)
-        o = o * torch.sigmoid(g.transpose(0, 1))                        # elementwise gate, [b, s, H/T, D]
+        q, k, v, g = (t.transpose(0, 1) for t in mixed.view(s, b, self.h, 4 * self.hd).split(self.hd, dim=-1))
+        # [b, s, H/T, D] each; the output norm's gain is the TP-reduced one (see the class docstring)
+        o = linear_mix(q.contiguous(), k.contiguous(), v.contiguous(), g, decay=self.log_decay.float(),
+                       norm_weight=self._norm_weight(), eps=self.out_norm.eps, cp=self.cp, cu_seqlens=cu_seqlens)
         o = o.transpose(0, 1).reshape(s, b, self.h * self.hd)           # [s, b, H/T·D]
         return self.linear_proj(o)
 

@@ -1,6 +1,7 @@
-"""The one DeepSpeed adapter: engine construction, a training step, checkpoint save/load.
+"""The one DeepSpeed adapter: :class:`DeepSpeedEngine` implements :class:`dist_attn.train.engine.Engine`.
 
-Nothing else in the project imports ``deepspeed``. The trainer sees :class:`DeepSpeedBackend` only.
+Nothing else in the project imports ``deepspeed`` (imported on first use, so checking a config's
+options does not load it); only :mod:`dist_attn.engines` names this module.
 
 How DP x CP reaches DeepSpeed. Every rank of a pipeline stage holds a full parameter replica, so
 the group DeepSpeed must reduce gradients over (and ZeRO partition over) is DP x CP:
@@ -14,9 +15,10 @@ the group DeepSpeed must reduce gradients over (and ZeRO partition over) is DP x
 * pipeline: the ``PipelineModule`` topology is ``pipe x data`` with ``data = DP x CP``; DeepSpeed
   divides by DP x CP.
 
-:attr:`DeepSpeedBackend.grad_divisor` is that divisor. The trainer scales each rank's summed loss by
-``grad_divisor * grad_accum / N`` (N = labelled tokens of the global batch), so the reduced
-gradient is that of the global per-token mean, however the labels fall on ranks and micro-steps.
+:attr:`DeepSpeedEngine.grad_divisor` is that divisor. :meth:`DeepSpeedEngine.train_step` scales each
+rank's summed loss by ``grad_divisor * grad_accum / N`` (N = labelled tokens of the global batch, one
+all-reduce), so the reduced gradient is that of the global per-token mean, however the labels fall
+on ranks and micro-steps (the engine contract).
 
 CPU. DeepSpeed 0.19.8 picks its CPU accelerator when no GPU is visible (``DS_ACCELERATOR=cpu`` is
 set here to skip the probing) and uses gloo unless oneCCL bindings are installed; ZeRO 0-3, bf16
@@ -32,34 +34,47 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from dist_attn.train.config import lr_at
-from dist_attn.train.groups import ensure_launcher_env
+from dist_attn.checks import fail
+from dist_attn.context import CPContext
+from dist_attn.data.mqar import recall_accuracy
+from dist_attn.model.hybrid import HybridLM
+from dist_attn.train.engine import IGNORE_INDEX, StepStats, ensure_launcher_env, lr_at
+from dist_attn.train.groups import build_groups
 
-# DeepSpeed probes the C compiler (libaio etc.) at import through setuptools' distutils loggers,
-# which Hydra's INFO root logger would print: not our user's concern.
-logging.getLogger("compilers").setLevel(logging.WARNING)
-if "DS_ACCELERATOR" not in os.environ:
-    os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
-import deepspeed  # noqa: E402
-from deepspeed.pipe import PipelineModule  # noqa: E402
-from deepspeed.runtime.pipe.topology import PipeDataParallelTopology  # noqa: E402
+_DS = None
 
-deepspeed.utils.logger.setLevel(logging.ERROR)
-# DeepSpeed JIT-compiles a shared-memory all-reduce op (C++, needs a compiler) when it wraps a CPU
-# process group; only its *inference* all-reduce uses it, so training never needs it: mark it
-# unavailable and DeepSpeed uses the plain torch.distributed collectives.
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+def _deepspeed():
+    """Import DeepSpeed once, quietly, on its CPU accelerator when there is no GPU."""
+    global _DS
+    if _DS is None:
+        # DeepSpeed probes the C compiler (libaio etc.) at import through setuptools' distutils loggers,
+        # which Hydra's INFO root logger would print: not our user's concern.
+        logging.getLogger("compilers").setLevel(logging.WARNING)
+        if "DS_ACCELERATOR" not in os.environ:
+            os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+        import deepspeed
+        deepspeed.utils.logger.setLevel(logging.ERROR)
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op (C++, needs a compiler) when it wraps a CPU
+        # process group; only its *inference* all-reduce uses it, so training never needs it: mark it
+        # unavailable and DeepSpeed uses the plain torch.distributed collectives.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        _DS = deepspeed
+    return _DS
+
+
 CKPT_TAG = "ds"
 
 
 def init_distributed(timeout_s: float = 600.0) -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU). A plain
     ``python -m launchers.train`` gets a world of one on a free local port."""
+    deepspeed = _deepspeed()
     if dist.is_available() and dist.is_initialized():  # e.g. the test harness made the group
         # DeepSpeed insists on the launcher's env; a group made without a launcher is one node
         for key, value in (("RANK", dist.get_rank()), ("WORLD_SIZE", dist.get_world_size()),
@@ -85,19 +100,19 @@ class _SequenceParallelMpu:
         return self.g.dp_group
 
     def get_data_parallel_rank(self):
-        return self.g.dp_rank
+        return self.g.coords.dp
 
     def get_data_parallel_world_size(self):
-        return self.g.dims.dp
+        return self.g.plan.dp
 
     def get_sequence_parallel_group(self):
         return self.g.cp_group if self.g.cp_group is not None else self.self_group
 
     def get_sequence_parallel_rank(self):
-        return self.g.cp_rank
+        return self.g.coords.cp
 
     def get_sequence_parallel_world_size(self):
-        return self.g.dims.cp
+        return self.g.plan.cp
 
     def get_sequence_data_parallel_group(self):
         return self.g.replica_group
@@ -106,7 +121,7 @@ class _SequenceParallelMpu:
         return dist.get_rank(self.g.replica_group)
 
     def get_sequence_data_parallel_world_size(self):
-        return self.g.dims.dp * self.g.dims.cp
+        return self.g.plan.dp * self.g.plan.cp
 
     def get_model_parallel_group(self):
         return self.self_group
@@ -143,29 +158,74 @@ def ds_config(cfg, plain_fp32_zero0: bool) -> dict:
     }
 
 
-class DeepSpeedBackend:
-    """A DeepSpeed engine (plain or pipelined) behind the trainer's small interface.
+class DeepSpeedEngine:
+    """A DeepSpeed engine (plain or pipelined) behind the engine contract (:mod:`dist_attn.train.engine`).
 
     ``model`` is a :class:`~dist_attn.model.hybrid.HybridLM` built with this rank's CP context;
-    ``groups`` the :class:`~dist_attn.train.groups.TrainGroups` of the job.
+    ``groups`` the :class:`~dist_attn.train.groups.TrainGroups` of the job's plan. :meth:`build` makes
+    both from a config and a plan.
     """
+    name = "deepspeed"
 
+    # ------------------------------------------------------------------ the contract's class methods
+    @classmethod
+    def check_options(cls, cfg, plan) -> None:
+        """DeepSpeed's own rules (local; before any process group)."""
+        m, b = cfg.model, cfg.backend
+        if plan.tp > 1:
+            fail("parallel.tp", "1 with backend=deepspeed (tensor parallelism is the megatron backend's)", plan.tp,
+                 "use backend=megatron for tensor parallelism, or parallel.tp=1")
+        if plan.vpp is not None:
+            fail("parallel.vpp", "null with backend=deepspeed (interleaved 1F1B is the megatron backend's)",
+                 plan.vpp, "set parallel.vpp=null, or use backend=megatron with pipeline stages")
+        if plan.pp > 1:
+            if b.zero_stage > 1:
+                fail("backend.zero_stage", "0 or 1 with pipeline parallelism (DeepSpeed pipelines do not shard "
+                     "gradients or parameters)", b.zero_stage, "use backend.zero_stage=1 or parallel.pp=1")
+            stages = m.n_layers + 2  # embedding, blocks, head
+            if plan.pp > stages:
+                fail("parallel.pp", f"at most {stages} stages (embedding + {m.n_layers} blocks + head)", plan.pp,
+                     "use fewer pipeline stages")
+            if m.tie_embeddings:
+                fail("model.tie_embeddings", "False with pipeline parallelism (embedding and head sit on "
+                     "different stages)", True, "set model.tie_embeddings=false or parallel.pp=1")
+
+    @classmethod
+    def init_distributed(cls, timeout_s: float = 600.0) -> None:
+        init_distributed(timeout_s)
+
+    @classmethod
+    def build(cls, cfg, plan, device) -> "DeepSpeedEngine":
+        """Collective: the job's groups, ``HybridLM(cfg.model)`` under ``cfg.trainer.seed`` (the same
+        initial weights on every rank) and the DeepSpeed engine around it."""
+        g = build_groups(plan)
+        cp = CPContext.from_plan(plan, g.cp_group, g.ulysses_group, g.ring_group)
+        torch.manual_seed(cfg.trainer.seed)
+        return cls(HybridLM(cfg.model, cp).to(device), cfg, g)
+
+    # ------------------------------------------------------------------ construction
     def __init__(self, model, cfg, groups):
-        self.cfg, self.groups = cfg, groups
-        self.pipeline = groups.dims.pp > 1
+        deepspeed = _deepspeed()
+        from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+        self.cfg, self.groups, self.plan, self.coords = cfg, groups, groups.plan, groups.coords
+        self.cp = model.cp
+        self.device = next(model.parameters()).device
+        plan = self.plan
+        self.pipeline = plan.pp > 1
         b = cfg.backend
         self._norm_hook = b.zero_stage == 0 and b.precision == "fp32"
         self._loss_fn: Callable | None = None
         t = cfg.trainer
         if self.pipeline:
-            topo = PipeDataParallelTopology(num_pp=groups.dims.pp, num_dp=groups.dims.dp * groups.dims.cp)
+            topo = PipeDataParallelTopology(num_pp=plan.pp, num_dp=plan.dp * plan.cp)
             module = PipelineModule(layers=model.pipeline_layers(), topology=topo,
                                     loss_fn=self._pipe_loss, partition_method="parameters")
             mpu = None
-            self.grad_divisor = groups.dims.dp * groups.dims.cp
+            self.grad_divisor = plan.dp * plan.cp
         else:
             module, mpu = model, _SequenceParallelMpu(groups, _self_group())
-            self.grad_divisor = groups.dims.dp
+            self.grad_divisor = plan.dp
         config = ds_config(cfg, self._norm_hook)
         if b.zero_stage == 3 and not self.pipeline:
             # DeepSpeed converts a module to ZeRO-3 parameters over mpu.get_data_parallel_group(),
@@ -173,10 +233,10 @@ class DeepSpeedBackend:
             # averages over all DP x CP ranks (it does not apply the sequence-parallel factor there).
             deepspeed.zero.Init(module=module, data_parallel_group=groups.replica_group,
                                 config_dict_or_path=config, mpu=mpu)
-            self.grad_divisor = groups.dims.dp * groups.dims.cp
+            self.grad_divisor = plan.dp * plan.cp
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        # the schedule of dist_attn.train.config.lr_at (shared with the megatron backend), as a client
+        # the schedule of dist_attn.train.engine.lr_at (shared with the megatron engine), as a client
         # scheduler: DeepSpeed steps it with the optimizer and keeps its state in checkpoints
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(t, step) / t.lr)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -199,6 +259,9 @@ class DeepSpeedBackend:
                 optimizer._global_grad_norm = float(norm)  # where the engine reads the norm from
             opt.register_step_pre_hook(_clip_and_record)
 
+    def describe(self) -> str:
+        return f"deepspeed zero={self.cfg.backend.zero_stage} {self.plan.describe()}"
+
     # ------------------------------------------------------------------ stepping
     @property
     def is_last_stage(self) -> bool:
@@ -211,23 +274,53 @@ class DeepSpeedBackend:
     def _pipe_loss(self, logits, labels):
         return self._loss_fn(logits, labels)
 
-    def train_step(self, micro_batches: Iterable, loss_fn: Callable, before_backward: Callable | None = None):
-        """One optimizer step over this rank's ``micro_batches`` (``grad_accum`` tuples
-        ``(input_ids, labels, position_ids)``). ``loss_fn(logits, labels)`` returns the scalar to
-        backpropagate (it runs on the last pipeline stage only). ``before_backward(loss)`` runs on
-        every rank before each backward without pipelining (a collective finiteness check)."""
-        self._loss_fn = loss_fn
+    def _loss_fn_for(self, scale: float, stats: torch.Tensor) -> Callable:
+        """``loss_fn(logits, labels)``: this shard's summed CE times ``scale``; accumulates
+        (loss_sum, n_tokens, recall hits, recall total) into ``stats``."""
+        def loss_fn(logits, labels):
+            loss_sum, n_tok = HybridLM.loss_sum(logits, labels)
+            with torch.no_grad():
+                correct, total = recall_accuracy(logits, labels)
+                stats.add_(torch.stack([loss_sum.detach().double(), n_tok.double(), correct.double(),
+                                        total.double()]))
+            return loss_sum * scale
+        return loss_fn
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Collective: is the loss finite on every rank (checked before each backward)?"""
+        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
+        dist.all_reduce(bad)
+        return bad.item() == 0
+
+    def train_step(self, batches: list) -> StepStats:
+        """One optimizer step over this rank's ``batches`` (``grad_accum`` tuples ``(input_ids,
+        labels, position_ids)``); see the engine contract. Without pipelining a non-finite loss is caught
+        (collectively) before its backward and the update is skipped (``applied=False``); a pipeline
+        reports it after the step."""
+        n_local = sum(int((lab != IGNORE_INDEX).sum()) for _, lab, _ in batches)
+        n_global = torch.tensor([float(n_local)], device=self.device)
+        dist.all_reduce(n_global)  # every pipeline stage counted the same data: divide by pp
+        n_tokens = max(n_global.item() / self.plan.pp, 1.0)
+        scale = self.grad_divisor * self.cfg.trainer.grad_accum / n_tokens
+        stats = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._loss_fn = loss_fn = self._loss_fn_for(scale, stats)
+        lr = self.lr
         if self.pipeline:
-            it = iter([((ids, pos), labels) for ids, labels, pos in micro_batches])
+            it = iter([((ids, pos), labels) for ids, labels, pos in batches])
             self.engine.train_batch(data_iter=it)
-            return
-        for ids, labels, pos in micro_batches:
-            logits = self.engine(ids, pos)
-            loss = loss_fn(logits, labels)
-            if before_backward is not None:
-                before_backward(loss)
-            self.engine.backward(loss)
-            self.engine.step()
+        else:
+            for ids, labels, pos in batches:
+                logits = self.engine(ids, pos)
+                loss = loss_fn(logits, labels)
+                if not self._finite_everywhere(loss):
+                    return StepStats(loss=float("nan"), n_tokens=int(n_tokens), recall_correct=0, recall_total=0,
+                                     grad_norm=float("nan"), lr=lr, applied=False)
+                self.engine.backward(loss)
+                self.engine.step()
+        dist.all_reduce(stats)  # pipelines: only the last stage has non-zero stats
+        loss_sum, n_tok, correct, total = stats.tolist()
+        return StepStats(loss=loss_sum / max(n_tok, 1.0), n_tokens=int(n_tok), recall_correct=int(correct),
+                         recall_total=int(total), grad_norm=self.grad_norm, lr=lr, applied=True)
 
     @property
     def lr(self) -> float:
@@ -253,6 +346,6 @@ class DeepSpeedBackend:
         load_path, client_state = self.engine.load_checkpoint(
             path, tag=CKPT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
-            raise ValueError(f"checkpoint {path}: expected a DeepSpeed checkpoint under tag {CKPT_TAG!r}, got "
-                             f"none. Fix: pass a directory written by this trainer (checkpoints/step_*)")
+            fail(f"checkpoint {path}", f"a DeepSpeed checkpoint under tag {CKPT_TAG!r}", "none",
+                 "pass a directory written by this trainer (checkpoints/step_*)")
         return client_state or {}

@@ -1,17 +1,18 @@
-"""The one megatron-core adapter: process groups, model, training step, checkpoints.
+"""The one megatron-core adapter: :class:`MegatronEngine` implements :class:`dist_attn.train.engine.Engine`.
 
 Nothing else in the project imports ``megatron``; this module and its private helpers are the whole
 contact surface: ``parallel/_megatron_setup.py`` (sizes and their validation, process groups, model
 building), ``parallel/_megatron_layers.py`` (our mixers inside megatron's layers, the HybridLM weight
-mapping), ``parallel/_megatron_cpu.py`` (the CPU path). Import everything from here. The trainer
-sees :class:`MegatronBackend`::
+mapping), ``parallel/_megatron_cpu.py`` (the CPU path). Import everything from here; only
+:mod:`dist_attn.engines` names this module. The trainer sees :class:`MegatronEngine` (``build``
+from a config and plan); tests and scripts can build one piece by piece::
 
-    par = MegatronParallel(tp=2, pp=2, cp=2, vpp=2, softmax_cp="zigzag_ring", linear_cp="lasp2")
-    groups = init_megatron(par, model_cfg, seed=0)          # torch.distributed + megatron groups
-    backend = MegatronBackend(model_cfg, groups, MegatronTrainSettings(lr=1e-3, steps=400), seq_len=S,
-                              micro_batch=B, seed=0)        # weights: HybridLM(model_cfg) under seed 0
-    out = backend.train_step(micro_batches)                 # [(ids, labels, pos)] of this (dp, cp) rank
-    backend.save(path, {"step": 10}); backend.load(path)    # megatron dist_checkpointing, atomic
+    plan = ParallelPlan.build(8, tp=2, pp=2, cp=2, vpp=2, softmax_cp="zigzag_ring", linear_cp="lasp2")
+    groups = init_megatron(plan, model_cfg, seed=0)         # torch.distributed + megatron groups
+    engine = MegatronEngine(model_cfg, groups, MegatronTrainSettings(lr=1e-3, steps=400), seq_len=S,
+                            micro_batch=B, seed=0)          # weights: HybridLM(model_cfg) under seed 0
+    stats = engine.train_step(micro_batches)                # [(ids, labels, pos)] of this (dp, cp) rank
+    engine.save(path, {"step": 10}); engine.load(path)      # megatron dist_checkpointing, atomic
 
 What megatron provides: ``GPTModel`` (embedding, ``TransformerBlock``, SwiGLU ``MLP``, vocab-parallel
 output layer and cross entropy) with tensor parallelism; the pipeline schedules of
@@ -53,13 +54,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from dist_attn.data.mqar import IGNORE_INDEX
+from dist_attn.checks import fail
 from dist_attn.model.config import ModelConfig
 from dist_attn.parallel._megatron_cpu import megatron_device_shim
 from dist_attn.parallel._megatron_layers import hybridlm_to_megatron_state_dict
-from dist_attn.parallel._megatron_setup import (MegatronGroups, MegatronParallel, MegatronTrainSettings, _fail,
-                                      _init_torch_distributed, build_megatron_model, init_megatron,
-                                      load_hybridlm_weights, transformer_config, validate_megatron)
+from dist_attn.parallel._megatron_setup import (MegatronGroups, MegatronTrainSettings, _init_torch_distributed,
+                                                build_megatron_model, init_megatron, load_hybridlm_weights,
+                                                transformer_config, validate_megatron)
+from dist_attn.train.engine import IGNORE_INDEX, StepStats
 
 with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected, we use neither
     warnings.simplefilter("ignore")
@@ -73,7 +75,7 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
 logging.getLogger("megatron").setLevel(logging.WARNING)
 CKPT_SUBDIR = "megatron"
 
-__all__ = ["MegatronParallel", "MegatronGroups", "MegatronTrainSettings", "MegatronBackend", "validate_megatron",
+__all__ = ["MegatronGroups", "MegatronTrainSettings", "MegatronEngine", "validate_megatron",
            "init_megatron", "build_megatron_model", "transformer_config", "hybridlm_to_megatron_state_dict",
            "load_hybridlm_weights", "megatron_device_shim", "describe", "init_distributed"]
 
@@ -102,27 +104,48 @@ def _vocab_parallel_argmax(logits: torch.Tensor, tp_group) -> torch.Tensor:
     return out[:, 1].gather(0, best).squeeze(0).long()
 
 
-class MegatronBackend:
-    """A megatron-core training engine behind the trainer's small interface.
+class MegatronEngine:
+    """A megatron-core training engine behind the engine contract (:mod:`dist_attn.train.engine`).
 
     ``train_step(micro_batches)`` runs one optimizer step over this rank's micro-batches (a list of
     ``(input_ids [B, S/P], labels [B, S/P], position_ids)``, ``grad_accum`` of them, sharded over CP
     with ``groups.cp.layout``; every TP rank and pipeline stage gets the same list) and returns the
-    step's metrics, reduced over the whole job::
-
-        {"loss": global per-token mean, "n_tokens", "recall_correct", "recall_total",
-         "grad_norm": global norm before clipping, "lr": lr of this step, "applied": bool}
-
-    ``applied`` is False when the loss was not finite: the optimizer step was skipped, so the state
-    in memory is the last good one (the trainer saves it and stops).
+    step's :class:`~dist_attn.train.engine.StepStats`, reduced over the whole job. ``applied`` is False
+    when the loss was not finite: the optimizer step was skipped, so the state in memory is the last
+    good one (the trainer saves it and stops).
     """
+    name = "megatron"
 
+    # ------------------------------------------------------------------ the contract's class methods
+    @classmethod
+    def check_options(cls, cfg, plan) -> None:
+        """Megatron's own rules (local; before any process group): no ZeRO, sizes over TP/PP/VPP."""
+        if cfg.backend.zero_stage != 0:
+            fail("backend.zero_stage", "0 with backend=megatron (ZeRO is DeepSpeed's; megatron shards the "
+                 "optimizer with backend.distributed_optimizer)", cfg.backend.zero_stage, "set backend.zero_stage=0")
+        validate_megatron(cfg.model, plan)
+
+    @classmethod
+    def init_distributed(cls, timeout_s: float = 600.0) -> None:
+        init_distributed(timeout_s)
+
+    @classmethod
+    def build(cls, cfg, plan, device=None) -> "MegatronEngine":
+        """Collective: megatron's TP/PP/CP/DP groups and GPTModel chunks with the weights of
+        ``HybridLM(cfg.model)`` under ``cfg.trainer.seed`` (the DeepSpeed engine's initial weights)."""
+        groups = init_megatron(plan, cfg.model, seed=cfg.trainer.seed, timeout_s=float(cfg.trainer.timeout_s))
+        return cls(cfg.model, groups, MegatronTrainSettings.from_train_config(cfg), seq_len=cfg.data.seq_len,
+                   micro_batch=cfg.trainer.micro_batch, seed=cfg.trainer.seed)
+
+    # ------------------------------------------------------------------ construction
     def __init__(self, model_cfg: ModelConfig, groups: MegatronGroups, settings: MegatronTrainSettings, *,
                  seq_len: int, micro_batch: int, hybrid_state_dict: dict | None = None, seed: int | None = None):
         self.model_cfg, self.groups, self.settings = model_cfg, groups, settings
+        self.plan, self.cp = groups.plan, groups.cp
         self.seq_len, self.micro_batch = seq_len, micro_batch
-        par = groups.par
-        self.chunks = build_megatron_model(model_cfg, groups, hybrid_state_dict=hybrid_state_dict, seed=seed)
+        par = settings
+        self.chunks = build_megatron_model(model_cfg, groups, precision=settings.precision,
+                                           hybrid_state_dict=hybrid_state_dict, seed=seed)
         with megatron_device_shim():
             config = self.chunks[0].config
             ddp_config = DistributedDataParallelConfig(
@@ -152,12 +175,12 @@ class MegatronBackend:
         self.last_grad_norm = float("nan")
         self._stats: Optional[torch.Tensor] = None
 
-    @classmethod
-    def from_train_config(cls, cfg, groups: MegatronGroups) -> "MegatronBackend":
-        """From a :class:`~dist_attn.train.config.TrainConfig`: weights of ``HybridLM(cfg.model)`` under
-        ``cfg.trainer.seed`` (the DeepSpeed backend's initial weights), micro-batch and sequence sizes."""
-        return cls(cfg.model, groups, MegatronTrainSettings.from_train_config(cfg), seq_len=cfg.data.seq_len,
-                   micro_batch=cfg.trainer.micro_batch, seed=cfg.trainer.seed)
+    @property
+    def coords(self):
+        return self.groups.coords
+
+    def describe(self) -> str:
+        return describe(self.groups)
 
     # ------------------------------------------------------------------ one step
     @property
@@ -181,9 +204,9 @@ class MegatronBackend:
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, S/P, V]`` (gathered over TP) of this rank's CP shard; without pipelining only.
         ``position_ids`` must be the layout's (``shard_batch``): the mixers derive the same ones."""
-        if self.groups.par.pp > 1:
-            _fail("MegatronBackend.forward", "pp=1 (a pipelined model has no single forward)", self.groups.par.pp,
-                  "evaluate through train-time metrics, or build a pp=1 backend")
+        if self.plan.pp > 1:
+            fail("MegatronEngine.forward", "pp=1 (a pipelined model has no single forward)", self.plan.pp,
+                 "evaluate through train-time metrics, or build a pp=1 backend")
         with megatron_device_shim():
             logits = self.model[0](input_ids, position_ids, None)          # [B, S/P, V/T]
             return tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.groups.tp_group)
@@ -208,20 +231,20 @@ class MegatronBackend:
         out = model(ids, pos, None)  # first stage embeds ids; later stages read the received activations
         return out, partial(self._loss, labels)
 
-    def train_step(self, micro_batches: list) -> dict:
-        par = self.groups.par
+    def train_step(self, micro_batches: list) -> StepStats:
+        par = self.plan
         if not micro_batches:
-            _fail("MegatronBackend.train_step", "at least one micro-batch", 0, "pass trainer.grad_accum >= 1 batches")
+            fail("MegatronEngine.train_step", "at least one micro-batch", 0, "pass trainer.grad_accum >= 1 batches")
         n_micro = len(micro_batches)
         if par.virtual > 1 and n_micro < par.pp:
-            _fail("MegatronBackend.train_step", f"at least pp={par.pp} micro-batches with virtual stages (megatron's "
-                  "interleaved schedule groups pp micro-batches per virtual stage)", n_micro,
-                  "raise trainer.grad_accum to pp or more")
+            fail("MegatronEngine.train_step", f"at least pp={par.pp} micro-batches with virtual stages (megatron's "
+                 "interleaved schedule groups pp micro-batches per virtual stage)", n_micro,
+                 "raise trainer.grad_accum to pp or more")
         ids0 = micro_batches[0][0]
         if ids0.shape[0] != self.micro_batch or ids0.shape[1] * par.cp != self.seq_len:
-            _fail("MegatronBackend.train_step", f"micro-batches of [micro_batch={self.micro_batch}, "
-                  f"seq_len/cp={self.seq_len // par.cp}] tokens", tuple(ids0.shape),
-                  "shard each batch with dist_attn.data.sharding.shard_batch over the CP group")
+            fail("MegatronEngine.train_step", f"micro-batches of [micro_batch={self.micro_batch}, "
+                 f"seq_len/cp={self.seq_len // par.cp}] tokens", tuple(ids0.shape),
+                 "shard each batch with dist_attn.data.sharding.shard_batch over the CP group")
         device = next(self.model[0].parameters()).device
         self._stats = torch.zeros(4, dtype=torch.float64, device=device)
         with megatron_device_shim():
@@ -244,8 +267,8 @@ class MegatronBackend:
                 if applied:
                     self.scheduler.step(increment=1)
         loss_sum, n_tok, correct, total = stats.tolist()
-        return dict(loss=loss_sum / max(n_tok, 1.0), n_tokens=int(n_tok), recall_correct=int(correct),
-                    recall_total=int(total), grad_norm=self.last_grad_norm, lr=lr, applied=bool(applied))
+        return StepStats(loss=loss_sum / max(n_tok, 1.0), n_tokens=int(n_tok), recall_correct=int(correct),
+                         recall_total=int(total), grad_norm=self.last_grad_norm, lr=lr, applied=bool(applied))
 
     # ------------------------------------------------------------------ checkpoints
     def _sharded_state_dict(self, is_loading: bool) -> dict:
@@ -325,8 +348,8 @@ class MegatronBackend:
         """Collective: restore what :meth:`save` wrote under ``path``; returns the client state."""
         ckpt = os.path.join(path, CKPT_SUBDIR)
         if not os.path.isdir(ckpt):
-            _fail("MegatronBackend.load", f"a megatron checkpoint directory {ckpt}", "nothing there",
-                  "pass a directory written by MegatronBackend.save (checkpoints/step_N)")
+            fail("MegatronEngine.load", f"a megatron checkpoint directory {ckpt}", "nothing there",
+                 "pass a directory written by MegatronEngine.save (checkpoints/step_N)")
         with megatron_device_shim(), torch.no_grad():  # megatron copies into views of the parameters
             self._materialise_optimizer_state()
             sd = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), ckpt)
@@ -342,7 +365,7 @@ class MegatronBackend:
 
 def describe(groups: MegatronGroups) -> str:
     """One line for logs: sizes and this rank's coordinates."""
-    p = groups.par
+    p = groups.plan
     return (f"megatron tp={p.tp} pp={p.pp}{f' vpp={p.vpp}' if p.virtual > 1 else ''} cp={p.cp} dp={groups.dp} | "
             f"rank tp={groups.tp_rank} pp={groups.pp_rank} cp={groups.cp_rank} dp={groups.dp_rank} | "
             f"softmax={p.softmax_cp} linear={p.linear_cp} layout={p.layout}")

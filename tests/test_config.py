@@ -32,10 +32,10 @@ def test_defaults_compose_and_validate():
     cfg = load()
     assert isinstance(cfg, TrainConfig)
     assert cfg.model.layer_types == "LLLF" and cfg.data.name == "mqar"
-    assert validate(cfg, world_size=1) == 1
-    assert validate(load("parallel.cp=2"), world_size=2) == 1
-    assert validate(load("parallel.cp=2"), world_size=4) == 2  # dp derived
-    assert validate(load("parallel=pipeline", "parallel.cp=2"), world_size=8) == 2
+    assert validate(cfg, world_size=1).dp == 1
+    assert validate(load("parallel.cp=2"), world_size=2).dp == 1
+    assert validate(load("parallel.cp=2"), world_size=4).dp == 2  # dp derived
+    assert validate(load("parallel=pipeline", "parallel.cp=2"), world_size=8).dp == 2
 
 
 @pytest.mark.parametrize("preset,params", [("1b", 1.0e9), ("7b", 7.0e9)])
@@ -143,8 +143,9 @@ def test_auto_strategies_resolve_before_validation(overrides, softmax, linear):
     from dist_attn.context import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
     from dist_attn.cost_model import choose_strategy
     cfg = load(*overrides)
-    validate(cfg, world_size=cfg.parallel.cp)
-    p, m = cfg.parallel, cfg.model
+    p = validate(cfg, world_size=cfg.parallel.cp)  # a new, resolved plan: the config keeps "auto"
+    m = cfg.model
+    assert (cfg.parallel.softmax_cp, cfg.parallel.linear_cp) == ("auto", "auto")
     assert p.softmax_cp in SOFTMAX_STRATEGIES and p.linear_cp in LINEAR_STRATEGIES
     if softmax is None:  # the cost model's own pick for this shape, applied as is
         softmax = choose_strategy("softmax", heads=m.n_heads, kv_heads=m.kv_heads, head_dim=m.softmax_head_dim,

@@ -48,7 +48,7 @@ def _install_faults() -> None:
     """Patch the trainer of this worker process: record every resume (rank 0), and kill this rank where
     ``DIST_ATTN_TEST_FAULTS`` (``{attempt: {"rank", "at": "step"|"save", "step"}}``) says."""
     from dist_attn.train.trainer import Trainer
-    from dist_attn.parallel.deepspeed import DeepSpeedBackend
+    from dist_attn.parallel.deepspeed import DeepSpeedEngine
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     rank = int(os.environ["RANK"])
     fault = json.loads(os.environ.get(FAULTS_ENV, "{}")).get(str(attempt))
@@ -73,7 +73,7 @@ def _install_faults() -> None:
             return real_step(self)
         Trainer.train_step = train_step
     else:  # die inside Checkpointer.save: DeepSpeed's files are written, nothing is committed
-        real_save = DeepSpeedBackend.save
+        real_save = DeepSpeedEngine.save
 
         def save(self, path, client_state):
             real_save(self, path, client_state)
@@ -82,7 +82,7 @@ def _install_faults() -> None:
                 files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
                 _record(run_dir, "killed_in_save.jsonl", dict(attempt=attempt, path=path, files=files))
                 os.kill(os.getpid(), signal.SIGKILL)
-        DeepSpeedBackend.save = save
+        DeepSpeedEngine.save = save
 
 
 def _torchrun(nproc: int, overrides: list[str], *, module: str = "tests.test_faults", env: dict | None = None,
@@ -243,11 +243,11 @@ def _timeouts(rank, world, out_dir, timeout_s):
     configured = _group_timeouts()
     out = dict(default=default, configured=configured,
                default_s=float(_cfg([], out_dir).trainer.timeout_s))
-    dist.barrier(group=trainer.groups.cp_group)
+    dist.barrier(group=trainer.cp.group)
     if rank == 0:  # rank 1 never joins this all-reduce: it must fail after timeout_s, not hang
         t0 = time.monotonic()
         try:
-            dist.all_reduce(torch.ones(4), group=trainer.groups.cp_group)
+            dist.all_reduce(torch.ones(4), group=trainer.cp.group)
             out["error"] = None
         except Exception as e:  # noqa: BLE001 - the error itself is what is checked
             out["error"] = f"{type(e).__name__}: {e}"

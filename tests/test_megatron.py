@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import asdict, dataclass, field
 
 import pytest
 import torch
@@ -30,14 +31,30 @@ SEQ, ROWS, N_MICRO, STEPS = 64, 2, 2, 3   # ROWS sequences per micro-step (split
 SETTINGS = dict(lr=1e-3, min_lr=1e-4, warmup_steps=0, steps=10, grad_clip=1.0)
 
 
-def _setup(par_kw: dict, cfg_kw: dict):
+@dataclass(frozen=True)
+class Case:
+    """A parallel layout: world size, ParallelPlan sizes/strategies, model and optimizer overrides."""
+    id: str
+    world: int
+    plan: dict
+    model: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)   # MegatronTrainSettings overrides
+    resume: bool = False                            # also check save / load / continue
+
+
+def _setup(world: int, plan_kw: dict, cfg_kw: dict):
     from dist_attn.data.mqar import MQARDataset
     from dist_attn.model.config import ModelConfig
     from dist_attn.parallel import megatron as M
+    from dist_attn.plan import ParallelPlan
     cfg = ModelConfig(**{**CFG, **cfg_kw})
-    par = M.MegatronParallel(**par_kw)
-    groups = M.init_megatron(par, cfg, seed=0)
-    return M, cfg, par, groups, MQARDataset(vocab_size=CFG["vocab_size"], seq_len=SEQ, num_kv_pairs=4)
+    plan = ParallelPlan.build(world, **plan_kw)
+    groups = M.init_megatron(plan, cfg, seed=0)
+    return M, cfg, plan, groups, MQARDataset(vocab_size=CFG["vocab_size"], seq_len=SEQ, num_kv_pairs=4)
+
+
+def _step(engine, batches) -> dict:
+    return asdict(engine.train_step(batches))  # StepStats -> a plain dict for the harness's queue
 
 
 def _micro_batches(data, step: int, groups, par) -> list:
@@ -52,9 +69,9 @@ def _micro_batches(data, step: int, groups, par) -> list:
     return out
 
 
-def _backend(M, cfg, groups, seed: int):
-    return M.MegatronBackend(cfg, groups, M.MegatronTrainSettings(**SETTINGS), seq_len=SEQ,
-                             micro_batch=ROWS // groups.dp, seed=seed)
+def _backend(M, cfg, groups, seed: int, settings: dict):
+    return M.MegatronEngine(cfg, groups, M.MegatronTrainSettings(**{**SETTINGS, **settings}), seq_len=SEQ,
+                            micro_batch=ROWS // groups.dp, seed=seed)
 
 
 def _weights(backend) -> list:
@@ -71,10 +88,10 @@ def _reference(rank, world):
 def _reference_run(cfg_kw):
     """Megatron vs HybridLM on the same weights, then STEPS megatron steps."""
     from dist_attn.model.hybrid import HybridLM
-    M, cfg, par, groups, data = _setup({}, cfg_kw)
+    M, cfg, par, groups, data = _setup(1, {}, cfg_kw)
     torch.manual_seed(0)
     hybrid = HybridLM(cfg)
-    backend = M.MegatronBackend(cfg, groups, M.MegatronTrainSettings(**SETTINGS), seq_len=SEQ, micro_batch=ROWS,
+    backend = M.MegatronEngine(cfg, groups, M.MegatronTrainSettings(**SETTINGS), seq_len=SEQ, micro_batch=ROWS,
                                 hybrid_state_dict=hybrid.state_dict())
     batches = _micro_batches(data, 0, groups, par)
     ids, labels, pos = batches[0]
@@ -84,7 +101,7 @@ def _reference_run(cfg_kw):
     loss = sum(HybridLM.loss_sum(hybrid(i, p), lab)[0] for i, lab, p in batches) / n_tok
     loss.backward()
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in hybrid.parameters()]).item()
-    steps = [backend.train_step(_micro_batches(data, s, groups, par)) for s in range(STEPS)]
+    steps = [_step(backend, _micro_batches(data, s, groups, par)) for s in range(STEPS)]
     # numpy, not tensors: the harness's queue would share tensor storage with a process that exits
     return dict(logits_ref=logits_ref.numpy(), logits_meg=logits_meg.numpy(), hybrid_loss=loss.item(),
                 hybrid_grad_norm=grad_norm, steps=steps, kinds=backend.layer_kinds())
@@ -117,53 +134,56 @@ def _layer_types(tie: bool) -> str:
 
 # ---------------------------------------------------------------------------- parallel layouts
 
-def _parallel(rank, world, par_kw, cfg_kw, resume_dir):
+def _parallel(rank, world, case: Case, resume_dir):
     if resume_dir is not None:
         # megatron's checkpoint writer starts helper processes, which Python refuses in daemonic
         # processes (the test harness's workers); torchrun's workers are not daemonic
         import multiprocessing
         multiprocessing.current_process().daemon = False
-    M, cfg, par, groups, data = _setup(par_kw, cfg_kw)
-    backend = _backend(M, cfg, groups, seed=0)
-    out = dict(steps=[backend.train_step(_micro_batches(data, s, groups, par)) for s in range(STEPS)],
+    M, cfg, par, groups, data = _setup(world, case.plan, case.model)
+    backend = _backend(M, cfg, groups, seed=0, settings=case.settings)
+    out = dict(steps=[_step(backend, _micro_batches(data, s, groups, par)) for s in range(STEPS)],
                kinds=backend.layer_kinds(), coords=(groups.tp_rank, groups.pp_rank, groups.cp_rank, groups.dp_rank))
     if resume_dir is None:
         return out
     k = STEPS
-    full_more = [backend.train_step(_micro_batches(data, s, groups, par))["loss"] for s in range(k, 2 * k)]
-    part = _backend(M, cfg, groups, seed=0)
-    part_losses = [part.train_step(_micro_batches(data, s, groups, par))["loss"] for s in range(k)]
+    full_more = [backend.train_step(_micro_batches(data, s, groups, par)).loss for s in range(k, 2 * k)]
+    part = _backend(M, cfg, groups, seed=0, settings=case.settings)
+    part_losses = [part.train_step(_micro_batches(data, s, groups, par)).loss for s in range(k)]
     written = part.save(resume_dir, {"step": k})
-    resumed = _backend(M, cfg, groups, seed=1)  # other initial weights: the load must replace them all
+    # other initial weights: the load must replace them all
+    resumed = _backend(M, cfg, groups, seed=1, settings=case.settings)
     client = resumed.load(resume_dir)
-    resumed_losses = [resumed.train_step(_micro_batches(data, s, groups, par))["loss"] for s in range(k, 2 * k)]
+    resumed_losses = [resumed.train_step(_micro_batches(data, s, groups, par)).loss for s in range(k, 2 * k)]
     out.update(full=[s["loss"] for s in out["steps"]] + full_more, part=part_losses + resumed_losses, client=client,
                same_weights=all(torch.equal(a, b) for a, b in zip(_weights(backend), _weights(resumed))),
                lr=(backend.lr, resumed.lr), written=os.path.basename(written))
     return out
 
 
-CASES = [  # id, world, MegatronParallel kwargs, ModelConfig overrides, check resume
-    ("cp2-ring-lasp2", 2, dict(cp=2), {}, False),
-    ("dp2xcp2-allgather-distopt-resume", 4, dict(cp=2, softmax_cp="allgather"), {}, True),
-    ("tp2xcp2-ulysses-contiguous", 4, dict(tp=2, cp=2, softmax_cp="ulysses", linear_cp="ulysses",
-                                            layout="contiguous"), {}, False),
-    ("pp2xcp2-usp", 4, dict(pp=2, cp=2, softmax_cp="usp", ulysses_degree=2), {}, False),
+CASES = [
+    Case("cp2-ring-lasp2", 2, dict(cp=2)),
+    Case("dp2xcp2-allgather-distopt-resume", 4, dict(cp=2, softmax_cp="allgather"), resume=True),
+    Case("tp2xcp2-ulysses-contiguous", 4, dict(tp=2, cp=2, softmax_cp="ulysses", linear_cp="ulysses",
+                                                layout="contiguous")),
+    Case("pp2xcp2-usp", 4, dict(pp=2, cp=2, softmax_cp="usp", ulysses_degree=2)),
     # tied embeddings across stages (megatron all-reduces the two copies' gradients between stages)
-    ("pp2xcp2-ring-tied", 4, dict(pp=2, cp=2), dict(tie_embeddings=True), False),
-    ("pp2xvpp2xcp2-ring-plainopt-resume", 4, dict(pp=2, vpp=2, cp=2, distributed_optimizer=False), {}, True),
+    Case("pp2xcp2-ring-tied", 4, dict(pp=2, cp=2), model=dict(tie_embeddings=True)),
+    Case("pp2xvpp2xcp2-ring-plainopt-resume", 4, dict(pp=2, vpp=2, cp=2), settings=dict(distributed_optimizer=False),
+         resume=True),
 ]
 
 
-@pytest.mark.parametrize("world,par_kw,cfg_kw,resume", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_parallel_matches_single_process(reference, world, par_kw, cfg_kw, resume):
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_parallel_matches_single_process(reference, case):
+    cfg_kw, resume, par_kw = case.model, case.resume, case.plan
     ref = reference[cfg_kw.get("tie_embeddings", False)]["steps"]
     # The tied model is chaotic at this lr: its gradient norm grows 3x in two steps and the 4e-5 CP
     # rounding noise of step 0 becomes a 50% difference by step 2 (measured: the gradients of step 0
     # agree per parameter to 2e-4, the tied copies included). Compare its first two steps only.
     ref = ref[:2] if cfg_kw.get("tie_embeddings") else ref
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_distributed(_parallel, world, par_kw, cfg_kw, tmp if resume else None, timeout=420)
+        results = run_distributed(_parallel, case.world, case, tmp if resume else None, timeout=420)
     types = _layer_types(cfg_kw.get("tie_embeddings", False))
     for r in results:
         # every rank reports the same (globally reduced) metrics
@@ -211,9 +231,10 @@ def test_parallel_matches_single_process(reference, world, par_kw, cfg_kw, resum
         "usp-degree"])
 def test_validate_rejects_bad_sizes(par_kw, cfg_kw, world, needle):
     from dist_attn.model.config import ModelConfig
-    from dist_attn.parallel.megatron import MegatronParallel, validate_megatron
-    with pytest.raises(ValueError, match=needle) as err:
-        validate_megatron(ModelConfig(**{**CFG, **cfg_kw}), MegatronParallel(**par_kw), world)
+    from dist_attn.parallel.megatron import validate_megatron
+    from dist_attn.plan import ParallelPlan
+    with pytest.raises(ValueError, match=needle) as err:  # the plan checks itself, megatron its own rules
+        validate_megatron(ModelConfig(**{**CFG, **cfg_kw}), ParallelPlan.build(world, **par_kw))
     assert "expected" in str(err.value) and "Fix:" in str(err.value)
 
 

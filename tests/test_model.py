@@ -196,12 +196,14 @@ def test_cp_awareness_refusal():
 
 
 @pytest.mark.parametrize("kw,cp,match", [
-    (dict(n_heads=2, head_dim=32), FakeCP(fake_world=4, softmax_strategy="ulysses"), "n_heads divisible by 4"),
+    (dict(n_heads=2, head_dim=32), FakeCP(fake_world=4, softmax_strategy="ulysses"),
+     r"n_heads.*query heads \(Hq\) divisible by the Ulysses degree=4"),
     (dict(n_heads=8, n_kv_heads=8, head_dim=32), FakeCP(fake_world=3, softmax_strategy="ulysses"),
-     "n_heads divisible by 3"),
+     r"n_heads.*query heads \(Hq\) divisible by the Ulysses degree=3"),
     (dict(n_heads=12, n_kv_heads=4, head_dim=32), FakeCP(fake_world=6, softmax_strategy="ulysses"),
-     "n_kv_heads to divide or be a multiple of 6"),
-    (dict(linear_heads=2), FakeCP(fake_world=4, linear_strategy="ulysses"), "linear_heads divisible by 4"),
+     r"n_kv_heads.*Ulysses degree=6 divisible by the number of KV heads"),
+    (dict(linear_heads=2), FakeCP(fake_world=4, linear_strategy="ulysses"),
+     r"linear_heads.*query heads \(Hq\) divisible by the CP size=4"),
 ], ids=["ulysses-q", "ulysses-3", "ulysses-kv", "linear-ulysses"])
 def test_cp_head_divisibility(kw, cp, match):
     with pytest.raises(ValueError, match=match):
@@ -321,7 +323,7 @@ def test_linear_decay_stays_exact_when_the_module_is_cast_to_bf16():
         seen["decay"] = decay
         return torch.zeros_like(v)
 
-    with mock.patch("dist_attn.model.layers.dispatch.linear_attention", spy):
+    with mock.patch("dist_attn.dispatch.linear_attention", spy):
         lin(torch.randn(1, 8, 64, dtype=torch.bfloat16), torch.arange(8))
     exact = decay_schedule(lin.h, cfg.linear_decay_min, cfg.linear_decay_max)
     assert seen["decay"].dtype == torch.float32 and torch.equal(seen["decay"], exact)

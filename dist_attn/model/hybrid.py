@@ -2,6 +2,7 @@
 
     model = HybridLM(cfg, cp)                          # cp = CPContext(...) or CPContext() (no CP)
     logits = model(input_ids, position_ids)            # [B, S/P] long, [B, S/P] or [S/P] -> [B, S/P, V]
+    logits = model(input_ids, position_ids, cu_seqlens=cu)   # packed documents (global offsets)
     loss_sum, n_tokens = model.loss_sum(logits, labels)
 
 Under CP every rank holds a full replica of the parameters and a shard of each sequence (layout
@@ -9,9 +10,11 @@ from ``cp.layout``; ``position_ids`` are the *global* positions of the shard's t
 mean loss is ``all_reduce(loss_sum) / all_reduce(n_tokens)`` over the CP and DP ranks, so the
 trainer weighs every token equally however the labelled tokens fall on the shards.
 
-The model is a chain of stages, each mapping a tuple ``(hidden, position_ids)`` to the next, which
-:meth:`HybridLM.pipeline_layers` exposes for a DeepSpeed ``PipelineModule``; ``forward`` runs the
-same chain, so the pipelined and plain models compute the same function.
+The model is a chain of stages, each mapping a tuple ``(hidden, position_ids[, cu_seqlens])`` to the
+next, which :meth:`HybridLM.pipeline_layers` exposes for a DeepSpeed ``PipelineModule``; ``forward``
+runs the same chain, so the pipelined and plain models compute the same function. ``cu_seqlens``
+(packed documents: GLOBAL document offsets ``[0, e_1, ..., S]``) rides along the tuple to every mixer,
+which passes it to the attention only when it is given (see :mod:`dist_attn.model.mixers`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from dist_attn.context import CPContext
 from dist_attn.layout import check_seq_len
 from dist_attn.model.config import ModelConfig
 from dist_attn.model.layers import MIXERS, RMSNorm, SwiGLU, init_linear
+from dist_attn.plan import check_model_heads
 
 # torch modules known to act on each token independently (never mix across the sequence)
 POINTWISE_TORCH = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Dropout, nn.Identity, nn.SiLU, nn.GELU,
@@ -64,26 +68,15 @@ def _ulysses_degree(cp: CPContext, strategy: str) -> int:
 
 
 def check_heads_for_cp(cfg: ModelConfig, cp: CPContext) -> None:
-    """Head-sharding strategies (Ulysses, the Ulysses part of USP) split heads over U ranks."""
-    kinds = set(cfg.layer_types)
-    if "F" in kinds:
-        u = _ulysses_degree(cp, cp.softmax_strategy)
-        if u > 1 and cfg.n_heads % u != 0:
-            raise ValueError(f"HybridLM: softmax_strategy={cp.softmax_strategy!r} shards heads over {u} ranks "
-                             f"and expects n_heads divisible by {u}, got n_heads={cfg.n_heads}. Fix: choose "
-                             f"n_heads as a multiple of {u}, or use zigzag_ring / allgather.")
-        if u > 1 and cfg.kv_heads % u != 0 and u % cfg.kv_heads != 0:
-            raise ValueError(f"HybridLM: softmax_strategy={cp.softmax_strategy!r} over {u} ranks expects "
-                             f"n_kv_heads to divide or be a multiple of {u} (KV heads are split or replicated), "
-                             f"got n_kv_heads={cfg.kv_heads}. Fix: change n_kv_heads or the Ulysses degree.")
-    if "L" in kinds and cp.linear_strategy == "ulysses" and cfg.lin_heads % cp.world_size != 0:
-        raise ValueError(f"HybridLM: linear_strategy='ulysses' shards linear heads over {cp.world_size} ranks "
-                         f"and expects linear_heads divisible by {cp.world_size}, got {cfg.lin_heads}. Fix: "
-                         f"choose linear_heads as a multiple of the CP size, or use linear_strategy='lasp2'.")
+    """Head-sharding strategies (Ulysses, the Ulysses part of USP) split heads over U ranks: the
+    plan's rule (:func:`dist_attn.plan.check_model_heads`) with the degrees of this CP context's groups."""
+    check_model_heads(cfg, softmax_cp=cp.softmax_strategy, softmax_degree=_ulysses_degree(cp, cp.softmax_strategy),
+                      linear_cp=cp.linear_strategy, linear_degree=_ulysses_degree(cp, cp.linear_strategy),
+                      prefix="HybridLM: model.")
 
 
 class EmbeddingStage(nn.Module):
-    """``(input_ids [B, S/P] long, position_ids) -> (hidden [B, S/P, d], position_ids)``."""
+    """``(input_ids [B, S/P] long, position_ids[, cu_seqlens]) -> (hidden [B, S/P, d], position_ids[, ...])``."""
     token_mixing = False
 
     def __init__(self, cfg: ModelConfig):
@@ -91,8 +84,8 @@ class EmbeddingStage(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
 
     def forward(self, inputs):
-        input_ids, position_ids = inputs
-        return self.tok(input_ids), position_ids
+        input_ids, *rest = inputs
+        return (self.tok(input_ids), *rest)
 
 
 class Block(nn.Module):
@@ -108,14 +101,15 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
     def forward(self, inputs):
-        h, position_ids = inputs
-        h = h + self.mixer(self.norm1(h), position_ids)
+        h, position_ids, *docs = inputs  # docs: [] or [cu_seqlens]
+        # pass cu_seqlens only when given: mixers written without packed documents keep working
+        h = h + self.mixer(self.norm1(h), position_ids, *docs)
         h = h + self.mlp(self.norm2(h))
-        return h, position_ids
+        return (h, position_ids, *docs)
 
 
 class HeadStage(nn.Module):
-    """``(hidden, position_ids) -> logits [B, S/P, V]`` (final RMSNorm + output projection)."""
+    """``(hidden, position_ids[, cu_seqlens]) -> logits [B, S/P, V]`` (final RMSNorm + output projection)."""
     token_mixing = False
 
     def __init__(self, cfg: ModelConfig):
@@ -124,7 +118,7 @@ class HeadStage(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, inputs):
-        h, _ = inputs
+        h = inputs[0]
         return self.out(self.norm(h))
 
 
@@ -160,9 +154,11 @@ class HybridLM(nn.Module):
         stage share one weight: a pipeline that puts them on different stages must tie them itself."""
         return [self.embed, *self.blocks, self.head]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """``input_ids [B, S/P]`` long, ``position_ids [B, S/P]`` or ``[S/P]`` (global positions)
-        -> logits ``[B, S/P, V]``."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids [B, S/P]`` long, ``position_ids [B, S/P]`` or ``[S/P]`` (global positions, or
+        positions restarting per document), ``cu_seqlens`` None or the GLOBAL document offsets
+        ``[0, e_1, ..., S]`` (1-D int, the same on every CP rank) -> logits ``[B, S/P, V]``."""
         if input_ids.dim() != 2:
             raise ValueError(f"HybridLM.forward: expected input_ids of shape [B, S/P], got "
                              f"{tuple(input_ids.shape)}. Fix: add the batch dimension.")
@@ -179,7 +175,7 @@ class HybridLM(nn.Module):
             if not self._cp_checked:  # modules may have been swapped after construction
                 self._check_cp()
             check_seq_len(s_global, p, self.cp.layout, "HybridLM.forward")
-        x = (input_ids, position_ids)
+        x = (input_ids, position_ids) if cu_seqlens is None else (input_ids, position_ids, cu_seqlens)
         for stage in self.pipeline_layers():
             x = stage(x)
         return x

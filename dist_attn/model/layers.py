@@ -1,4 +1,7 @@
-"""Building blocks of the hybrid model: RMSNorm, SwiGLU, RoPE and the two sequence mixers.
+"""Building blocks of the hybrid model: RMSNorm, SwiGLU and the two sequence mixers' modules.
+
+The mixers' math lives in :mod:`dist_attn.model.mixers` (shared with the megatron engine's layers);
+the modules here own the full-width projections and the ``[B, S/P, d] <-> [B, S/P, H, D]`` reshapes.
 
 Shapes: B batch, S/P local tokens (this rank's shard of a global sequence of S tokens), d = d_model,
 H heads, D head dim. Activations are ``[B, S/P, d]``; attention tensors ``[B, S/P, H, D]``.
@@ -17,9 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dist_attn import dispatch
 from dist_attn.context import CPContext
 from dist_attn.model.config import ModelConfig
+from dist_attn.model.mixers import apply_rope, linear_mix, rms_norm, softmax_mix
+
+__all__ = ["RMSNorm", "SwiGLU", "apply_rope", "SoftmaxAttention", "LinearAttention", "decay_schedule", "MIXERS",
+           "init_linear"]
 
 
 class RMSNorm(nn.Module):
@@ -32,9 +38,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -50,26 +54,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate ``x [B, S/P, H, D]`` by the *global* positions ``position_ids [B, S/P]`` or ``[S/P]``.
-
-    Channel pairs (i, i + D/2) rotate by angle pos * theta^(-2i/D) ("rotate half" convention), so
-    q_m . k_n depends only on m - n. Positions come from :func:`dist_attn.layout.position_ids`, which
-    is why a shard in the zigzag layout (positions not contiguous) still gets the right rotation.
-    """
-    d = x.shape[-1]
-    acc = torch.promote_types(x.dtype, torch.float32)  # angles in fp32 (fp64 for fp64 inputs)
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=acc) / d)  # (D/2,)
-    pos = position_ids.to(device=x.device, dtype=acc)
-    if pos.dim() == 1:
-        pos = pos.unsqueeze(0)  # (1, S/P)
-    ang = pos.unsqueeze(-1) * inv_freq  # (B|1, S/P, D/2)
-    cos, sin = ang.cos().unsqueeze(2), ang.sin().unsqueeze(2)  # (B|1, S/P, 1, D/2)
-    xf = x.to(acc)
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class SoftmaxAttention(nn.Module):
@@ -96,15 +80,14 @@ class SoftmaxAttention(nn.Module):
         self.o_proj.is_output_proj = True
         self.gate = nn.Linear(d, self.hq, bias=False) if cfg.gated_attention else None
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.hq, self.hd)
         k = self.k_proj(x).view(b, s, self.hkv, self.hd)
         v = self.v_proj(x).view(b, s, self.hkv, self.hd)
-        q, k = apply_rope(q, position_ids, self.theta), apply_rope(k, position_ids, self.theta)
-        o = dispatch.softmax_attention(q, k, v, cp=self.cp, causal=True)  # (B, S/P, Hq, D)
-        if self.gate is not None:
-            o = o * torch.sigmoid(self.gate(x)).unsqueeze(-1)  # (B, S/P, Hq, 1) gate per head
+        gate = self.gate(x) if self.gate is not None else None  # (B, S/P, Hq): one gate per head
+        o = softmax_mix(q, k, v, position_ids=position_ids, theta=self.theta, cp=self.cp, gate=gate,
+                        cu_seqlens=cu_seqlens)  # (B, S/P, Hq, D)
         return self.o_proj(o.reshape(b, s, self.hq * self.hd))
 
 
@@ -159,17 +142,16 @@ class LinearAttention(nn.Module):
         self._decay_range = (cfg.linear_decay_min, cfg.linear_decay_max)
         self.register_buffer("log_decay", decay_schedule(self.h, *self._decay_range), persistent=False)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = F.silu(self.q_proj(x)).view(b, s, self.h, self.hd)
-        k = F.silu(self.k_proj(x)).view(b, s, self.h, self.hd)
-        v = self.v_proj(x).view(b, s, self.h, self.hd)
+        shape = (b, s, self.h, self.hd)
+        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
         decay = self.log_decay  # [H], <= 0
         if decay.dtype != torch.float32:  # module cast to bf16 (e.g. by DeepSpeed): rebuild the exact values
             decay = decay_schedule(self.h, *self._decay_range).to(decay.device)
-        o = dispatch.linear_attention(q, k, v, cp=self.cp, decay=decay, scale=self.hd ** -0.5)
-        o = self.out_norm(o).reshape(b, s, self.h * self.hd)  # RMSNorm over D, per head
-        return self.o_proj(o * torch.sigmoid(self.gate(x)))
+        o = linear_mix(q, k, v, self.gate(x).view(shape), decay=decay, norm_weight=self.out_norm.weight,
+                       eps=self.out_norm.eps, cp=self.cp, cu_seqlens=cu_seqlens)  # (B, S/P, H, D)
+        return self.o_proj(o.reshape(b, s, self.h * self.hd))
 
 
 MIXERS = {"L": LinearAttention, "F": SoftmaxAttention}

@@ -1,7 +1,9 @@
-"""Training system: typed configs, DP x CP (x PP) groups, the trainer loop, telemetry, checkpoints.
+"""Training system: typed configs, the engine contract, DP x CP (x PP) groups, the trainer loop,
+telemetry, checkpoints.
 
-The engine itself sits behind one adapter (:mod:`dist_attn.parallel.deepspeed`); the entry point is
-``python -m launchers.train`` (see its docstring for torchrun, multi-node and Slurm commands).
+Engines implement :class:`dist_attn.train.engine.Engine` in adapters under :mod:`dist_attn.parallel`,
+which only :mod:`dist_attn.engines` names; the entry point is ``dist-attn-train`` /
+``python -m launchers.train`` (see :mod:`dist_attn.cli` for torchrun, multi-node and Slurm commands).
 """
 from dist_attn.train.config import TrainConfig, register_configs, validate
 

@@ -1,15 +1,16 @@
-"""The training loop: validate, build groups / model / engine, step, log, checkpoint, resume.
+"""The training loop: validate, build the engine, step, log, checkpoint, resume.
 
     summary = Trainer(cfg, run_dir).run()      # cfg: dist_attn.train.config.TrainConfig
 
+The trainer knows engines only through the contract of :mod:`dist_attn.train.engine` (the class
+comes from :func:`dist_attn.engines.engine_class`, by ``backend.name``): no engine-specific branch.
 Per step t (0-based; ``step`` in logs and checkpoints counts completed steps):
 
 1. this rank's micro-batches of global batch t: rows of the batch are split over DP replicas and
-   micro-steps, each sequence over the CP ranks (``shard_batch``, the model's layout);
-2. N = labelled tokens of the whole global batch (one all-reduce), so that each rank's loss
-   ``grad_divisor * grad_accum * loss_sum / N`` makes the reduced gradient that of the global
-   per-token mean, however the labels fall on ranks and micro-steps;
-3. forward, a collective finiteness check (pipelines: after the step), backward, optimizer step;
+   micro-steps, each sequence over the CP ranks (``shard_batch``, the plan's layout);
+2. ``engine.train_step`` minimises the global per-token mean loss of the batch (however the labels
+   fall on ranks and micro-steps) and returns its StepStats, reduced over the job;
+3. a non-finite loss stops the job naming the step and the last good checkpoint;
 4. loss, recall accuracy, lr, grad norm, throughput, MFU, CP comm bytes and memory are logged
    every ``log_every`` steps; a checkpoint is committed every ``ckpt_every`` steps and at the end.
 """
@@ -27,12 +28,10 @@ import torch
 import torch.distributed as dist
 
 from dist_attn.comm import CommRecorder
-from dist_attn.context import CPContext
-from dist_attn.data.mqar import recall_accuracy
-from dist_attn.model.hybrid import HybridLM
+from dist_attn.engines import engine_class
+from dist_attn.plan import ParallelPlan, RankCoords
 from dist_attn.train.checkpoint import Checkpointer, find_resume
 from dist_attn.train.config import TrainConfig, validate
-from dist_attn.train.groups import ParallelDims, build_groups
 from dist_attn.train.telemetry import Telemetry
 
 log = logging.getLogger("dist_attn.train")
@@ -54,17 +53,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss became nan/inf; the message names the step and the checkpoint to resume from."""
 
 
-def load_backend(name: str):
-    """Import the engine adapter named by ``backend.name`` (validated beforehand)."""
-    if name == "deepspeed":
-        from dist_attn.parallel import deepspeed as backend
-        return backend
-    if name == "megatron":
-        from dist_attn.parallel import megatron as backend
-        return backend
-    raise AssertionError(f"unvalidated backend {name!r}")
-
-
 class BatchSource:
     """This rank's micro-batches of global batch ``t``: ``[(input_ids, labels, position_ids)]``.
 
@@ -73,9 +61,9 @@ class BatchSource:
     split over replicas and micro-steps (DP=2 sees the same data as DP=1 with twice the batch).
     """
 
-    def __init__(self, cfg: TrainConfig, groups, device: torch.device):
+    def __init__(self, cfg: TrainConfig, plan: ParallelPlan, coords: RankCoords, device: torch.device):
         from dist_attn.data.sharding import shard_batch
-        self.shard_batch, self.cfg, self.g, self.device = shard_batch, cfg, groups, device
+        self.shard_batch, self.cfg, self.plan, self.coords, self.device = shard_batch, cfg, plan, coords, device
         d, t = cfg.data, cfg.trainer
         if d.name == "mqar":
             from dist_attn.data.mqar import MQARDataset
@@ -87,13 +75,13 @@ class BatchSource:
         self.is_mqar = d.name == "mqar"
 
     def micro_batches(self, step: int) -> list:
-        t, g = self.cfg.trainer, self.g
+        t, p, c = self.cfg.trainer, self.plan, self.coords
         out = []
         for m in range(t.grad_accum):
             # rows [(m*dp + d) * B, (m*dp + d + 1) * B) of the step's global batch
-            ids, labels = self.data.get_batch(step, t.micro_batch, dp_rank=m * g.dims.dp + g.dp_rank,
-                                              dp_size=t.grad_accum * g.dims.dp)
-            ids, labels, pos = self.shard_batch(ids, labels, g.cp_rank, g.dims.cp, self.cfg.parallel.layout)
+            ids, labels = self.data.get_batch(step, t.micro_batch, dp_rank=m * p.dp + c.dp,
+                                              dp_size=t.grad_accum * p.dp)
+            ids, labels, pos = self.shard_batch(ids, labels, c.cp, p.cp, p.layout)
             out.append((ids.to(self.device), labels.to(self.device), pos.to(self.device)))
         return out
 
@@ -103,10 +91,11 @@ class Trainer:
         self.cfg = cfg
         if int(os.environ.get("RANK", "0")) != 0:  # one voice: other ranks report warnings and errors only
             logging.getLogger().setLevel(logging.WARNING)
-        self.dp = validate(cfg)  # before any process group: a bad config fails on every rank alike
-        self.backend_mod = load_backend(cfg.backend.name)
+        self.plan = self.dims = plan = validate(cfg)  # before any process group: fails on every rank alike
+        self.dp = plan.dp
+        engine_cls = engine_class(cfg.backend.name)
         self.timeout_s = float(cfg.trainer.timeout_s)
-        self.backend_mod.init_distributed(timeout_s=self.timeout_s)
+        engine_cls.init_distributed(self.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         box = [os.path.abspath(run_dir)]
         dist.broadcast_object_list(box, src=0)  # ranks may have resolved ${now:} a second apart
@@ -115,60 +104,27 @@ class Trainer:
             if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        p = cfg.parallel
-        self.megatron = cfg.backend.name == "megatron"
-        if self.megatron:  # megatron builds its TP/PP/CP/DP groups and the model (GPTModel) itself
-            mb = self.backend_mod
-            g = self.groups = mb.init_megatron(mb.MegatronParallel.from_train_config(cfg), cfg.model,
-                                               seed=cfg.trainer.seed, timeout_s=self.timeout_s)
-            self.dims, self.cp = g.dims, g.cp
-            self.backend = mb.MegatronBackend.from_train_config(cfg, g)
-            if self.rank == 0:
-                log.info("%s", mb.describe(g))
-        else:
-            self.dims = ParallelDims(self.dp, p.cp, p.pp)
-            g = self.groups = build_groups(self.dims, p.ulysses_degree if p.softmax_cp == "usp" else 0)
-            self.cp = CPContext(group=g.cp_group, layout=p.layout, softmax_strategy=p.softmax_cp,
-                                linear_strategy=p.linear_cp, ulysses_group=g.ulysses_group,
-                                ring_group=g.ring_group, backend=p.kernel_backend)
-            torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
-            self.backend = self.backend_mod.DeepSpeedBackend(HybridLM(cfg.model, self.cp).to(self.device), cfg, g)
+        self.engine = engine_cls.build(cfg, plan, self.device)  # groups, model, optimizer (collective)
+        self.cp = self.engine.cp
+        if self.rank == 0:
+            log.info("%s", self.engine.describe())
         set_collective_timeout(self.timeout_s)  # our groups and the engine's exist now
-        self.data = BatchSource(cfg, g, self.device)
-        layout = dict(backend=cfg.backend.name, dp=self.dims.dp, tp=p.tp, cp=p.cp, pp=p.pp, vpp=p.vpp,
+        self.data = BatchSource(cfg, plan, self.engine.coords, self.device)
+        layout = dict(backend=cfg.backend.name, dp=plan.dp, tp=plan.tp, cp=plan.cp, pp=plan.pp, vpp=plan.vpp,
                       zero_stage=cfg.backend.zero_stage, model=asdict(cfg.model))
         # what makes two runs "the same experiment" for trainer.resume=auto across run directories
         self.experiment = json.loads(json.dumps(dict(layout=layout, data=asdict(cfg.data), seed=cfg.trainer.seed)))
-        self.ckpt = Checkpointer(self.run_dir, self.backend, layout, keep=cfg.trainer.keep_ckpts,
+        self.ckpt = Checkpointer(self.run_dir, self.engine, layout, keep=cfg.trainer.keep_ckpts,
                                  experiment=self.experiment)
         self.telemetry = Telemetry(self.run_dir, self.device, tensorboard=cfg.trainer.tensorboard,
                                    peak_tflops=cfg.trainer.peak_tflops)
         self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
-        self.tokens_per_step = cfg.trainer.micro_batch * cfg.trainer.grad_accum * self.dp * cfg.data.seq_len
+        self.tokens_per_step = cfg.trainer.micro_batch * cfg.trainer.grad_accum * plan.dp * cfg.data.seq_len
         self.step = 0
         self.last_ckpt: str | None = None
         self._resumed = False
 
     # ------------------------------------------------------------------ one step
-    def _loss_fn(self, scale: float, stats: torch.Tensor):
-        def loss_fn(logits, labels):
-            loss_sum, n_tok = HybridLM.loss_sum(logits, labels)
-            with torch.no_grad():
-                stats[0] += loss_sum.detach().float()
-                stats[1] += n_tok
-                if self.data.is_mqar:
-                    correct, total = recall_accuracy(logits, labels)
-                    stats[2] += correct
-                    stats[3] += total
-            return loss_sum * scale
-        return loss_fn
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
-        dist.all_reduce(bad)
-        if bad.item() > 0:
-            self._fail_non_finite(applied=False)
-
     def _fail_non_finite(self, applied: bool) -> None:
         step = self.step + 1
         if not applied:  # the update was not applied: the state in memory is the last good one
@@ -180,36 +136,15 @@ class Trainer:
             f"{self.last_ckpt or 'none'} ({where}). Fix: lower trainer.lr or raise warmup_steps, keep "
             f"backend.grad_clip > 0, or use backend.precision=fp32 to rule out overflow.")
 
-    def _megatron_step(self, batches: list) -> dict:
-        """megatron computes the per-token loss itself (logits are split over the vocabulary under TP) and
-        returns stats already reduced over the job; a non-finite loss skips the update (applied=False)."""
-        with CommRecorder() as rec:
-            out = self.backend.train_step(batches)
-        if not out["applied"] or not math.isfinite(out["loss"]):
-            self._fail_non_finite(applied=bool(out["applied"]))
-        total = out["recall_total"]
-        return dict(loss=out["loss"], recall_acc=out["recall_correct"] / total if self.data.is_mqar and total else None,
-                    comm_sent_bytes=rec.total_sent, comm_recv_bytes=rec.total_recv, comm_by_kind=dict(rec.sent))
-
     def train_step(self) -> dict:
         batches = self.data.micro_batches(self.step)
-        if self.megatron:
-            return self._megatron_step(batches)
-        n_local = sum(int((lab != -100).sum()) for _, lab, _ in batches)
-        n_global = torch.tensor([float(n_local)], device=self.device)
-        dist.all_reduce(n_global)  # every pipeline stage counted the same data: divide by pp
-        n_tokens = max(n_global.item() / self.dims.pp, 1.0)
-        scale = self.backend.grad_divisor * self.cfg.trainer.grad_accum / n_tokens
-        stats = torch.zeros(4, dtype=torch.float64, device=self.device)
         with CommRecorder() as rec:
-            self.backend.train_step(batches, self._loss_fn(scale, stats), before_backward=self._check_finite)
-        dist.all_reduce(stats)  # pipelines: only the last stage has non-zero stats
-        loss = stats[0].item() / max(stats[1].item(), 1.0)
-        if not math.isfinite(loss):
-            self._fail_non_finite(applied=True)
-        return dict(loss=loss, recall_acc=stats[2].item() / stats[3].item() if stats[3] > 0 else None,
-                     comm_sent_bytes=rec.total_sent, comm_recv_bytes=rec.total_recv,
-                     comm_by_kind=dict(rec.sent))
+            st = self.engine.train_step(batches)
+        if not st.applied or not math.isfinite(st.loss):
+            self._fail_non_finite(applied=st.applied)
+        acc = st.recall_correct / st.recall_total if self.data.is_mqar and st.recall_total else None
+        return dict(loss=st.loss, recall_acc=acc, comm_sent_bytes=rec.total_sent, comm_recv_bytes=rec.total_recv,
+                    comm_by_kind=dict(rec.sent))
 
     # ------------------------------------------------------------------ the loop
     def resume(self) -> None:
@@ -250,8 +185,8 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     tps = self.tokens_per_step * window_n / window_t
                     record = self.telemetry.log(dict(
-                        step=self.step, loss=out["loss"], recall_acc=out["recall_acc"], lr=self.backend.lr,
-                        grad_norm=self.backend.grad_norm, tokens_per_s=tps, step_time_s=window_t / window_n,
+                        step=self.step, loss=out["loss"], recall_acc=out["recall_acc"], lr=self.engine.lr,
+                        grad_norm=self.engine.grad_norm, tokens_per_s=tps, step_time_s=window_t / window_n,
                         mfu=self.telemetry.mfu(self.flops_per_token, tps),
                         comm_sent_bytes=out["comm_sent_bytes"], comm_recv_bytes=out["comm_recv_bytes"],
                         comm_by_kind=out["comm_by_kind"]))

@@ -1,0 +1,84 @@
+"""The math of each sequence mixer, written once, on ``[B, S/P, H, D]`` tensors.
+
+Modules that own the projections call these functions: :mod:`dist_attn.model.layers` (the plain
+model, full weights) and the megatron engine's layers (``parallel/_megatron_layers.py``: fused,
+tensor-parallel projections on megatron's ``[s, b, h]`` activations, H/T heads per TP rank). A module
+computes q, k, v and gate *projections* in our layout and hands them here; everything between the
+projections and the output projection is here, so a new mixer type is one function plus its
+projections in each engine.
+
+Mixers:
+
+* :func:`softmax_mix` -- causal GQA softmax attention with RoPE at the tokens' positions and an
+  optional head-wise sigmoid output gate ``o_h * sigmoid(x w_h)`` (one scalar per head and token).
+* :func:`linear_mix` -- decayed linear attention: ``q = silu(x Wq)``, ``k = silu(x Wk)``, ``v = x Wv``;
+  ``S_t = exp(g_h) S_{t-1} + k_t^T v_t``, ``o_t = D^-1/2 q_t S_t``; RMSNorm over D per head; elementwise
+  sigmoid gate.
+
+Packed documents: every mixer takes ``cu_seqlens`` (1-D int tensor of GLOBAL document offsets
+``[0, e_1, ..., S]``, the same for every batch row, see ``notes/contracts.md``), passed to the
+attention only when it is not None, so a call without documents is exactly the unpacked one. RoPE
+positions are the caller's ``position_ids``: for packed documents they restart at each document
+(:func:`dist_attn.data.sharding.shard_packed`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dist_attn import dispatch
+from dist_attn.context import CPContext
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * g over the last dim; statistics in fp32, result in the input dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate ``x [B, S/P, H, D]`` by the *global* positions ``position_ids [B, S/P]`` or ``[S/P]``.
+
+    Channel pairs (i, i + D/2) rotate by angle pos * theta^(-2i/D) ("rotate half" convention), so
+    q_m . k_n depends only on m - n. Positions come from :func:`dist_attn.layout.position_ids`, which
+    is why a shard in the zigzag layout (positions not contiguous) still gets the right rotation.
+    """
+    d = x.shape[-1]
+    acc = torch.promote_types(x.dtype, torch.float32)  # angles in fp32 (fp64 for fp64 inputs)
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=acc) / d)  # (D/2,)
+    pos = position_ids.to(device=x.device, dtype=acc)
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0)  # (1, S/P)
+    ang = pos.unsqueeze(-1) * inv_freq  # (B|1, S/P, D/2)
+    cos, sin = ang.cos().unsqueeze(2), ang.sin().unsqueeze(2)  # (B|1, S/P, 1, D/2)
+    xf = x.to(acc)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _docs(cu_seqlens) -> dict:
+    return {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+
+
+def softmax_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_ids: torch.Tensor, theta: float,
+                cp: CPContext, gate: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` (projections), gate logits ``[B, S/P, Hq]`` or None
+    -> ``[B, S/P, Hq, D]``: RoPE on q and k, causal attention through ``dispatch`` (the CP strategy),
+    then ``o_h * sigmoid(gate_h)``."""
+    q, k = apply_rope(q, position_ids, theta), apply_rope(k, position_ids, theta)
+    o = dispatch.softmax_attention(q, k, v, cp=cp, causal=True, **_docs(cu_seqlens))  # (B, S/P, Hq, D)
+    if gate is not None:
+        o = o * torch.sigmoid(gate).unsqueeze(-1)  # (B, S/P, Hq, 1): one gate per head and token
+    return o
+
+
+def linear_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, *, decay: torch.Tensor,
+               norm_weight: torch.Tensor, eps: float, cp: CPContext,
+               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """q/k/v/gate ``[B, S/P, H, D]`` (projections), ``decay [H]`` log-decay (fp32, <= 0), ``norm_weight [D]``
+    -> ``[B, S/P, H, D]``: silu feature maps, causal decayed linear attention through ``dispatch`` with
+    scale D^-1/2, RMSNorm over D per head, elementwise sigmoid gate."""
+    q, k = F.silu(q), F.silu(k)
+    o = dispatch.linear_attention(q, k, v, cp=cp, decay=decay, scale=q.shape[-1] ** -0.5, **_docs(cu_seqlens))
+    return rms_norm(o, norm_weight, eps) * torch.sigmoid(gate)
