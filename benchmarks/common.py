@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import queue as queue_mod
 import statistics
-import tempfile
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 def device_name() -> str:
@@ -25,15 +22,8 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _spawned(rank, world_size, init_file, fn, args, out_q):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=timedelta(minutes=10))
-    try:
-        res = fn(rank, world_size, torch.device("cpu"), *args)
-        out_q.put((rank, res))
-    finally:
-        dist.destroy_process_group()
+def _spawned(rank, world_size, fn, *args):
+    return fn(rank, world_size, torch.device("cpu"), *args)
 
 
 def launch(fn, nproc: int, *args):
@@ -49,28 +39,11 @@ def launch(fn, nproc: int, *args):
             return fn(rank, dist.get_world_size(), device, *args)
         finally:
             dist.destroy_process_group()
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_spawned, args=(r, nproc, os.path.join(tmp, "init"), fn, args, q))
-                 for r in range(nproc)]
-        for p in procs:
-            p.start()
-        results: dict = {}
-        while len(results) < nproc:  # a child that dies without reporting must not hang us
-            try:
-                rank, res = q.get(timeout=1.0)
-                results[rank] = res
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead:
-                    for p in procs:
-                        p.kill()
-                    raise RuntimeError(f"benchmark ranks {dead} died (exit codes "
-                                       f"{[procs[r].exitcode for r in dead]}); see their output above")
-        for p in procs:
-            p.join()
-    return results[0]
+    # spawned gloo CPU processes through the repository's one harness (tests/dist.py): rendezvous,
+    # result collection and dead-child detection; a rank's error is raised here with its traceback
+    from tests.dist import run_distributed
+    return run_distributed(_spawned, nproc, fn, *args, timeout=None, pg_timeout=600.0,
+                           threads=max(1, (os.cpu_count() or 1) // nproc))[0]
 
 
 def timed(fn, device, warmup: int = 1, iters: int = 3) -> float:

@@ -1,10 +1,13 @@
-"""Run a function on several gloo CPU processes and bring every rank's result or error back.
+"""The one process-spawning harness of the repository (tests and benchmarks): run a function on
+several gloo CPU processes and bring every rank's result or error back.
 
-``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes, initialises a gloo
-process group with a timeout in each, calls ``fn(rank, world_size, *args)`` and returns the list of
-return values. Exceptions are re-raised in the parent with the failing rank and its traceback; a job
-that does not finish within ``timeout`` seconds is killed and reported as a hang (``DistributedHang``).
-``fn`` must be a module-level function (spawn pickles it by name). Keep return values small.
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes, rendezvouses them in a
+gloo process group (file store, ``pg_timeout`` on every collective), calls ``fn(rank, world_size,
+*args)`` and returns the list of return values. Exceptions are re-raised in the parent with the
+failing rank and its traceback; a child that dies without reporting (segfault, OOM kill) is an error
+too; a job that does not finish within ``timeout`` seconds (None: no limit) is killed and reported
+as a hang (``DistributedHang``). ``fn`` must be a module-level function (spawn pickles it by name).
+Keep return values small. ``benchmarks/common.py`` launches its spawned runs through it.
 """
 from __future__ import annotations
 
@@ -31,12 +34,12 @@ class RankError:
     traceback: str
 
 
-def _worker(fn, rank, world_size, init_file, pg_timeout, args, results):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def _worker(fn, rank, world_size, init_file, pg_timeout, args, results, threads=1):
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=pg_timeout))
@@ -49,19 +52,20 @@ def _worker(fn, rank, world_size, init_file, pg_timeout, args, results):
         results.put((rank, "err", RankError(rank, type(e).__name__, str(e), traceback.format_exc())))
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, pg_timeout: float = 60.0,
-                    raise_errors: bool = True):
-    """Returns ``[result_rank0, ...]``; with ``raise_errors=False`` a failed rank's entry is a RankError."""
+def run_distributed(fn, world_size: int, *args, timeout: float | None = 300.0, pg_timeout: float = 60.0,
+                    raise_errors: bool = True, threads: int = 1):
+    """Returns ``[result_rank0, ...]``; with ``raise_errors=False`` a failed rank's entry is a RankError.
+    ``threads``: torch intra-op threads per process (1: tests share the cores)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "pg_init")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, pg_timeout, args, results),
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, pg_timeout, args, results, threads),
                              daemon=True) for r in range(world_size)]
         for p in procs:
             p.start()
         got: dict[int, tuple] = {}
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         while len(got) < world_size:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -83,7 +87,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, pg_timeo
                 p.join()
     missing = [r for r in range(world_size) if r not in got]
     if missing:
-        raise DistributedHang(f"ranks {missing} did not finish within {timeout:.0f}s (hang?)")
+        raise DistributedHang(f"ranks {missing} did not finish within {timeout}s (hang?)")
     out = []
     for r in range(world_size):
         status, payload = got[r]
