@@ -13,6 +13,7 @@ CUDA tests compare, on CUDA tensors, against fp64 references computed on the CPU
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ needs_cuda = pytest.mark.skipif(not (CUDA or ON_CPU), reason="CUDA tests of benc
 # --- the CPU dry run ---------------------------------------------------------------------------------
 def _run_script(*args, **env_extra):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
-    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", **env_extra)  # no GPU even on a GPU box
+    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    env.update(env_extra)  # no GPU even on a GPU box
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
@@ -53,7 +55,8 @@ def test_gpu_check_dry_run_without_gpu_says_so_and_runs_nothing():
     assert "SKIPPED: no CUDA GPU" in res.stdout, res.stdout
     after = summary.stat().st_mtime if summary.exists() else None
     assert after == before, "the dry run must not write results"
-    res = _run_script("--dry-run", GPU_CHECK_REQUIRE_GPU="1")
+    # an interpreter that cannot even report (here `false`) is "no GPU" too; REQUIRE makes it exit 2
+    res = _run_script("--dry-run", GPU_CHECK_REQUIRE_GPU="1", PYTHON=shutil.which("false") or "false")
     assert res.returncode == 2 and "SKIPPED: no CUDA GPU" in res.stdout, res.stdout + res.stderr
 
 

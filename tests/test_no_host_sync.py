@@ -164,9 +164,7 @@ def _strategy_cases():
 
 # case id -> "file:line: why", for paths that still sync (files owned by other helpers; strict, so a fix
 # turns the xfail into a failure that asks for the entry to be removed)
-_ULYSSES_DECAY = "dist_attn/ulysses.py:186 _check_decay reads decay values with bool() on every call"
-XFAIL: dict = {"ulysses_linear-zigzag-causal-decay": _ULYSSES_DECAY,
-               "ulysses_linear-contiguous-causal-decay": _ULYSSES_DECAY}
+XFAIL: dict = {}  # none left: every strategy and wrapper path is sync-free
 
 
 def _case_id(c):
