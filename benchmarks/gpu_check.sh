@@ -5,13 +5,16 @@
 #   GPU_CHECK_BUDGET_S=300 bash benchmarks/gpu_check.sh
 #   bash benchmarks/gpu_check.sh --dry-run       # print the plan and the environment; run nothing
 #
+# Order: setup, a, c, b (the single training number must not be lost to a long sweep), then tests_more.
 # Stages (each under `timeout`, all under one global budget, GPU_CHECK_BUDGET_S, default 450 s, so the
 # whole script ends before 8 minutes even if a stage hangs; a stage that would start with less than
 # its minimum left is skipped and recorded as such):
 #   0 setup     install the carried wheels (no package index needed) and this repo; record versions
 #   a tests     pytest tests/test_gpu_check.py tests/test_lightning_triton.py on CUDA tensors:
 #               flash (Triton, every wrapper path), lightning (Triton), the strategies at P=1
-#               (NCCL world of one) and the model layers, against fp64/fp32 references
+#               (NCCL world of one), the torch-flash SoftmaxKernel, against fp64 references
+#               (+ tests/test_sdpa_kernel.py; and last, if time is left, "tests_more": the existing
+#               tests/test_flash_attn.py and tests/test_lightning_attn.py with Triton on CUDA)
 #   b kernels   python -m benchmarks.kernels --preset gpu_check: flash fwd/bwd/fwd+bwd, causal and
 #               full, D 64/128, 2K-32K vs torch SDPA (flash, cuDNN, efficient backends), the flash-attn
 #               package if importable; lightning 2K-64K vs fla's chunk_simple_gla; highest priority
@@ -146,7 +149,7 @@ EOF
 cat "$RES/gpu_check_env.json" >> "$SUMMARY"; echo >> "$SUMMARY"
 
 # --- a: correctness on CUDA --------------------------------------------------------------------------
-run_stage tests 30 120 "$PY" -m pytest -q -x -p no:cacheprovider -o addopts="" --timeout=110 \
+run_stage tests 30 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --timeout=110 \
     tests/test_gpu_check.py tests/test_lightning_triton.py tests/test_sdpa_kernel.py
 
 # --- c before b: the training loop is one number that must not be lost to a long sweep -------------
