@@ -17,18 +17,22 @@ tensor [0, e_1, ..., S] of GLOBAL document offsets, on the CPU or q's device) an
 (int >= 0, causal only) restrict visibility: p sees t iff doc(p) == doc(t), t <= p if causal and
 p - W <= t (see :mod:`dist_attn.kernels.flash_attn.masks`). Both None: plain causal / full attention.
 
-
 ``bwd`` may be handed the *merged* ``out``/``lse`` of several key blocks (ring attention): with
 P_ij = exp(s_ij - lse_i) and delta_i = rowsum(dout_i * out_i) - dlse_i it then returns exactly this
 block's share of the gradient, dS = P * (dP - delta).
 
 Linear kernels (q, k ``[B, S, H, Dk]``, v ``[B, S, H, Dv]``, state fp32 ``[B, H, Dk, Dv]``)::
 
-    fwd(q, k, v, *, decay, initial_state, scale) -> (out [B,S,H,Dv], final_state)
-    bwd(dout, dfinal_state, q, k, v, *, decay, initial_state, scale) -> (dq, dk, dv, dinitial_state)
+    fwd(q, k, v, *, decay, initial_state, scale, g=None, cu_seqlens=None) -> (out [B,S,H,Dv], final_state)
+    bwd(dout, dfinal_state, q, k, v, *, decay, initial_state, scale, g=None, cu_seqlens=None)
+        -> (dq, dk, dv, dinitial_state, dg)
 
-``dfinal_state`` may be None (no gradient flows into the final state); ``dinitial_state`` is None when
-``initial_state`` is None.
+S_t = exp(decay_h + g_t) S_{t-1} + k_t^T v_t, o_t = scale · q_t S_t, with ``decay`` [H] (<= 0, not
+differentiated) and ``g`` [B, S, H] a per-token log gate (<= 0, differentiated). ``cu_seqlens`` holds
+the call's LOCAL document offsets [0, ..., S]: the state is reset to 0 before every interior start,
+so ``initial_state`` only reaches the first document and ``final_state`` is the state after the last
+one. ``dfinal_state`` may be None (no gradient flows into the final state); ``dinitial_state`` is None
+when ``initial_state`` is None, ``dg`` None when ``g`` is None.
 """
 from __future__ import annotations
 
@@ -113,26 +117,40 @@ class SoftmaxKernel:
         return _SoftmaxFn.apply(q, k, v, self, causal, softmax_scale, q_offset, k_offset, cu_seqlens, window_size)
 
 
+def _linear_extra(g, cu_seqlens) -> dict:
+    """The gate/document keywords that are set (kernels written before them keep working without)."""
+    return {key: val for key, val in (("g", g), ("cu_seqlens", cu_seqlens)) if val is not None}
+
+
+def call_linear_bwd(kernel, *args, **kw):
+    """kernel.bwd as the 5-tuple (dq, dk, dv, dinitial_state, dg) (older kernels return 4)."""
+    res = tuple(kernel.bwd(*args, **kw))
+    return res if len(res) == 5 else res + (None,)
+
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, kernel, scale):
-        out, state = kernel.fwd(q, k, v, decay=decay, initial_state=initial_state, scale=scale)
-        ctx.save_for_backward(q, k, v, decay, initial_state)
-        ctx.args = (kernel, scale)
+    def forward(ctx, q, k, v, decay, initial_state, g, kernel, scale, cu_seqlens):
+        extra = _linear_extra(g, cu_seqlens)
+        out, state = kernel.fwd(q, k, v, decay=decay, initial_state=initial_state, scale=scale, **extra)
+        ctx.save_for_backward(q, k, v, decay, initial_state, g)
+        ctx.args = (kernel, scale, cu_seqlens)
         return out, state
 
     @staticmethod
     def backward(ctx, dout, dstate):
-        q, k, v, decay, initial_state = ctx.saved_tensors
-        kernel, scale = ctx.args
+        q, k, v, decay, initial_state, g = ctx.saved_tensors
+        kernel, scale, cu_seqlens = ctx.args
         if dout is None:
             dout = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=v.dtype, device=v.device)
-        dq, dk, dv, dinit = kernel.bwd(dout.contiguous(), dstate, q, k, v, decay=decay,
-                                       initial_state=initial_state, scale=scale)
+        dq, dk, dv, dinit, dg = call_linear_bwd(kernel, dout.contiguous(), dstate, q, k, v, decay=decay,
+                                            initial_state=initial_state, scale=scale,
+                                            **_linear_extra(g, cu_seqlens))
         if initial_state is None:
             dinit = None
-        return dq, dk, dv, None, dinit, None, None
+        if g is None:
+            dg = None
+        return dq, dk, dv, None, dinit, dg, None, None, None
 
 
 @dataclass(frozen=True)
@@ -140,15 +158,17 @@ class LinearKernel:
     """A causal linear attention kernel: functional ``fwd``/``bwd`` plus a differentiable ``__call__``.
 
     ``decay`` is a per-head log-decay ``[H]`` (<= 0, not differentiated); ``None`` means no decay.
+    ``g`` a per-token log gate ``[B, S, H]`` (<= 0, differentiated); ``cu_seqlens`` local document
+    offsets (see the module docstring).
     """
     name: str
     fwd: Callable
     bwd: Callable
 
-    def __call__(self, q, k, v, *, decay=None, initial_state=None, scale=None):
+    def __call__(self, q, k, v, *, decay=None, initial_state=None, scale=None, g=None, cu_seqlens=None):
         if scale is None:
             scale = q.shape[-1] ** -0.5
-        return _LinearFn.apply(q, k, v, decay, initial_state, self, scale)
+        return _LinearFn.apply(q, k, v, decay, initial_state, g, self, scale, cu_seqlens)
 
 
 def softmax_kernel_from_autograd(name: str, fn: Callable) -> SoftmaxKernel:
@@ -193,25 +213,31 @@ def softmax_kernel_from_autograd(name: str, fn: Callable) -> SoftmaxKernel:
 
 
 def linear_kernel_from_autograd(name: str, fn: Callable) -> LinearKernel:
-    """Wrap a differentiable ``fn(q,k,v,*,decay,initial_state,scale) -> (out, state)`` as a
-    :class:`LinearKernel` whose ``bwd`` recomputes the forward under autograd."""
+    """Wrap a differentiable ``fn(q,k,v,*,decay,initial_state,scale[,g,cu_seqlens]) -> (out, state)`` as
+    a :class:`LinearKernel` whose ``bwd`` recomputes the forward under autograd. ``g``/``cu_seqlens``
+    are passed to ``fn`` only when set."""
 
-    def fwd(q, k, v, **kw):
+    def fwd(q, k, v, *, g=None, cu_seqlens=None, **kw):
         with torch.no_grad():
-            return fn(q, k, v, **kw)
+            return fn(q, k, v, **kw, **_linear_extra(g, cu_seqlens))
 
-    def bwd(dout, dstate, q, k, v, *, decay=None, initial_state=None, scale=None):
+    def bwd(dout, dstate, q, k, v, *, decay=None, initial_state=None, scale=None, g=None, cu_seqlens=None):
         with torch.enable_grad():
             qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
             s0 = None if initial_state is None else initial_state.detach().requires_grad_(True)
-            out, state = fn(qq, kk, vv, decay=decay, initial_state=s0, scale=scale)
+            gg = None if g is None else g.detach().requires_grad_(True)
+            out, state = fn(qq, kk, vv, decay=decay, initial_state=s0, scale=scale,
+                            **_linear_extra(gg, cu_seqlens))
             outs, grads = [out], [dout]
             if dstate is not None:
                 outs.append(state)
                 grads.append(dstate)
-            inputs = (qq, kk, vv) + ((s0,) if s0 is not None else ())
-            g = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
-        g = [torch.zeros_like(t) if x is None else x for x, t in zip(g, inputs)]
-        return g[0], g[1], g[2], (g[3] if s0 is not None else None)
+            inputs = [t for t in (qq, kk, vv, s0, gg) if t is not None]
+            got = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+        got = iter(torch.zeros_like(t) if x is None else x for x, t in zip(got, inputs))
+        dq, dk, dv = next(got), next(got), next(got)
+        dinit = None if s0 is None else next(got)
+        dg = None if gg is None else next(got)
+        return dq, dk, dv, dinit, dg
 
     return LinearKernel(name, fwd, bwd)

@@ -108,8 +108,8 @@ def test_functional_contract_without_state(backend):
     q, k, v, g, _, wo, _ = _inputs(100, 16, 24, F32, True, False)
     kern = linear_kernel(backend)
     out, state = kern.fwd(q, k, v, decay=g, initial_state=None, scale=0.3)
-    dq, dk, dv, dinit = kern.bwd(wo.float(), None, q, k, v, decay=g, initial_state=None, scale=0.3)
-    assert dinit is None
+    dq, dk, dv, dinit, dg = kern.bwd(wo.float(), None, q, k, v, decay=g, initial_state=None, scale=0.3)
+    assert dinit is None and dg is None
 
     def ref(q, k, v, *, decay, initial_state):
         return linear_attn_chunked(q, k, v, decay=decay, initial_state=initial_state, scale=0.3)
@@ -216,3 +216,4 @@ def test_value_errors_backend_specific():
     linear_kernel("torch").fwd(**args, scale=None)  # torch also takes fp64
     with pytest.raises(ValueError, match="backend expected"):
         linear_kernel("cuda")
+
