@@ -12,6 +12,12 @@ Layer types: ``softmax`` (zigzag_ring, ulysses, usp, allgather), ``linear`` (las
 ``hybrid`` (a stack in ``--pattern``, L = linear layer, F = full softmax layer, each layer x + attn(x)).
 The strategies come from :mod:`benchmarks.cp`; on CPU USP runs with U = 2 for P >= 4.
 
+Masks: ``causal``, ``full``, and for softmax layers ``docs`` (causal + packed documents: log-normal lengths
+with median ``--doc-median``, from seed 0, :func:`benchmarks.doc_balance.packed_offsets`) and ``window``
+(causal + a left window of ``--window`` tokens). The cost model does not know documents or windows yet:
+their rows carry the causal prediction (time), and their bytes are checked against
+:func:`dist_attn.documents.doc_cost`'s ring plan (the ring skips blocks; the others move every block).
+
 FLOPs (per rank, fwd+bwd): softmax 3.5 x 4·B·H·(N/P)·N·D, x0.5 causal; linear 3 x 4·B·H·(N/P)·D·(C+D)
 with C = 64, plus LASP-2's state einsums (see the cost model). CPU timings (gloo, one thread per rank,
 ranks sharing the machine's cores) compare strategies within one run; they say nothing of GPU speed.
@@ -34,11 +40,44 @@ MODEL_NAME = {"linear_ulysses": "linear_ulysses"}  # benchmark name -> cost-mode
 HYBRIDS = (("lasp2", "allgather"), ("lasp2", "zigzag_ring"), ("linear_ulysses", "ulysses"))
 
 
-def _layer(name: str, world: int, layout: str, groups, causal: bool):
+MASKED = ("docs", "window")  # softmax-only masks on top of causal
+
+
+def _mask_kw(mask: str, seq: int, args) -> dict:
+    """cu_seqlens / window_size of a docs or window row (identical on every rank)."""
+    if mask == "docs":
+        from benchmarks.doc_balance import packed_offsets
+        median = args.doc_median or max(seq // 16, 1)
+        return dict(cu_seqlens=torch.tensor(packed_offsets(seq, 0, median), dtype=torch.int32))
+    return dict(window_size=args.window) if mask == "window" else {}
+
+
+def _layer(name: str, world: int, layout: str, groups, mask: str, seq: int, args):
     """(kind, fn) from the table of benchmarks.cp, with the requested mask for softmax strategies."""
     if name in cp_bench.LINEAR:              # linear attention is causal only
         return cp_bench._strategy(name, world, layout, groups)
-    return cp_bench._strategy(name, world, layout, groups, causal=causal)
+    if mask not in MASKED:
+        return cp_bench._strategy(name, world, layout, groups, causal=mask == "causal")
+    from dist_attn import allgather_attention, ring_attention, ulysses_attention, usp_attention
+    kw = dict(causal=True, layout=layout, **_mask_kw(mask, seq, args))
+    if name == "usp":
+        if groups is None:
+            raise ValueError("usp needs a world size with a Ulysses degree 1 < U < P")
+        return "softmax", lambda q, k, v: usp_attention(q, k, v, ulysses_group=groups[0], ring_group=groups[1], **kw)
+    fn = {"zigzag_ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention}[name]
+    return "softmax", lambda q, k, v: fn(q, k, v, group=None, **kw)
+
+
+def _masked_ring_bytes(rank, world, seq, mask, args, elem):
+    """Exact ring bytes of a docs/window row from the host plan: (forward, backward) sent by ``rank``."""
+    from dist_attn.documents import ring_need
+    kw = _mask_kw(mask, seq, args)
+    cu = tuple(kw["cu_seqlens"].tolist()) if "cu_seqlens" in kw else None
+    need = ring_need(cu, True, kw.get("window_size"), world, args.layout, seq)
+    sends = sum(need[d][rank] for d in range(world) if d != rank)
+    recvs = sum(need[rank][s] for s in range(world) if s != rank)
+    block = 2 * args.batch * (seq // world) * args.heads * args.head_dim
+    return sends * block * elem, sends * block * elem + recvs * block * 4
 
 
 def _predict(names, shape_kw, world, profile, u_deg):
@@ -67,7 +106,7 @@ def _cases(args, world):
             out += [("softmax", s, [s], mask) for s in soft]
         if "linear" in args.layer_types and mask == "causal":  # linear attention is causal only
             out += [("linear", s, [s], mask) for s in lin]
-        if "hybrid" in args.layer_types:
+        if "hybrid" in args.layer_types and mask not in MASKED:
             for ls, ss in HYBRIDS:
                 if ls in lin and ss in soft:
                     out.append(("hybrid", f"{args.pattern}:{ls}+{ss}",
@@ -90,11 +129,15 @@ def _bench(rank, world, device, args):
             causal = mask == "causal"
             row = dict(layer=ltype, strategy=label, mask=mask, P=world, seq=seq, layout=args.layout)
             try:
-                fns = {n: _layer(n, world, args.layout, groups, causal) for n in set(names)}
+                fns = {n: _layer(n, world, args.layout, groups, mask, seq, args) for n in set(names)}
                 pred = _predict(names, dict(seq_len=seq, heads=args.heads, kv_heads=args.heads,
                                             head_dim=args.head_dim, batch=args.batch,
-                                            dtype_bytes=torch.finfo(dtype).bits // 8, causal=causal,
-                                            layout=args.layout), world, profile, u_deg)
+                                            dtype_bytes=torch.finfo(dtype).bits // 8,
+                                            causal=causal or mask in MASKED, layout=args.layout),
+                                world, profile, u_deg)
+                if mask in MASKED and names == ["zigzag_ring"]:  # the ring skips blocks: its own exact count
+                    pred["fwd_B"], pred["bwd_B"] = _masked_ring_bytes(rank, world, seq, mask, args,
+                                                                      torch.finfo(dtype).bits // 8)
             except (ImportError, ValueError) as e:
                 rows.append({**row, "note": f"skipped: {str(e).split('. Fix')[0]}"})
                 continue
@@ -205,6 +248,45 @@ def plot(rows: list, out_dir: str, tag: str) -> list:
         paths.append(os.path.join(out_dir, f"harness_{tag}_scaling.png"))
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+    return paths + plot_masked(rows, out_dir, tag)
+
+
+def plot_masked(rows: list, out_dir: str, tag: str) -> list:
+    """Per docs/window mask: fwd+bwd time and MiB sent vs sequence length (solid), the causal run of the
+    same strategy dotted, one column per world size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "fwd_bwd_ms" in r and r.get("layer") == "softmax"]
+    paths = []
+    for mask in MASKED:
+        worlds = sorted({r["P"] for r in done if r["mask"] == mask})
+        if not worlds:
+            continue
+        fig, axes = plt.subplots(2, len(worlds), figsize=(6 * len(worlds), 9), squeeze=False)
+        for col, p in enumerate(worlds):
+            for row, (key, ylabel) in enumerate((("fwd_bwd_ms", "fwd+bwd ms per step"),
+                                                 ("MB", "MiB sent per rank (fwd+bwd)"))):
+                ax = axes[row][col]
+                for label in sorted({r["strategy"] for r in done if r["P"] == p and r["mask"] == mask}):
+                    color = None
+                    for m, style in ((mask, "o-"), ("causal", ":")):
+                        pts = sorted((r for r in done if r["P"] == p and r["strategy"] == label and r["mask"] == m),
+                                     key=lambda r: r["seq"])
+                        if not pts:
+                            continue
+                        ys = [r[key] if key != "MB" else r["fwd_MB"] + r["bwd_MB"] for r in pts]
+                        line, = ax.plot([r["seq"] for r in pts], ys, style, color=color,
+                                        label=label if m == mask else None)
+                        color = line.get_color()
+                ax.set(xscale="log", yscale="log", xlabel="global sequence length", ylabel=ylabel,
+                       title=f"P={p}, {mask} (dotted: causal)")
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"harness_{tag}_{mask}_vs_seq.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     return paths
 
 
@@ -212,7 +294,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4], help="gloo world sizes (CPU)")
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    p.add_argument("--masks", nargs="+", default=["causal", "full"], choices=["causal", "full"])
+    p.add_argument("--masks", nargs="+", default=["causal", "full"], choices=["causal", "full", "docs", "window"])
+    p.add_argument("--doc-median", type=int, default=0, help="docs mask: median document length (0: S/16)")
+    p.add_argument("--window", type=int, default=128, help="window mask: left window in tokens")
     p.add_argument("--layer-types", nargs="+", default=["softmax", "linear", "hybrid"],
                    choices=["softmax", "linear", "hybrid"])
     p.add_argument("--pattern", default="LLLF", help="hybrid layer pattern: L linear, F full softmax")
