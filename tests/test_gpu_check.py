@@ -85,7 +85,7 @@ def test_cuda_flash_triton_vs_fp64(case, dtype):
     ref_in = [t.double().requires_grad_(True) for t in (q, k, v)]
     o_ref, l_ref = attention_ref(*ref_in, causal=causal, q_offset=qo, k_offset=ko)
     torch.autograd.backward((o_ref, l_ref), (dout.double(), torch.where(torch.isinf(l_ref), 0, dlse.double())))
-    gpu_in = [t.to(DEV).requires_grad_(True) for t in (q, k, v)]
+    gpu_in = [t.to(DEV, copy=True).requires_grad_(True) for t in (q, k, v)]
     out, lse = flash_attn(*gpu_in, causal=causal, q_offset=qo, k_offset=ko, return_lse=True, backend="triton")
     torch.autograd.backward((out, lse), (dout.to(DEV), dlse.to(DEV)))
     assert_close("out", o_ref, out, dtype)
@@ -109,7 +109,7 @@ def test_cuda_lightning_triton_vs_fp64(dtype):
     ref_in = [t.double().requires_grad_(True) for t in (q, k, v, s0)]
     o_ref, f_ref = linear_attn_recurrent(*ref_in[:3], decay=decay.double(), initial_state=ref_in[3])
     torch.autograd.backward((o_ref, f_ref), (dout.double(), dfin.double()))
-    gpu_in = [t.to(DEV).requires_grad_(True) for t in (q, k, v, s0)]
+    gpu_in = [t.to(DEV, copy=True).requires_grad_(True) for t in (q, k, v, s0)]
     out, fin = lightning_attn(*gpu_in[:3], decay=decay.to(DEV), initial_state=gpu_in[3], output_final_state=True,
                               backend="triton")
     torch.autograd.backward((out, fin), (dout.to(DEV), dfin.to(DEV)))
@@ -150,7 +150,7 @@ def test_cuda_strategies_at_p1_vs_fp64():
             "usp": lambda *a: usp_attention(*a, ulysses_group=g, ring_group=g, causal=True),
         }
         for name, fn in strategies.items():
-            gpu_in = [t.to(DEV).requires_grad_(True) for t in (q, k, v)]
+            gpu_in = [t.to(DEV, copy=True).requires_grad_(True) for t in (q, k, v)]
             out = fn(*gpu_in)
             out.backward(dout.to(DEV))
             assert_close(f"{name} out", o_ref, out, dtype)
@@ -162,7 +162,7 @@ def test_cuda_strategies_at_p1_vs_fp64():
         ref_in = [t.double().requires_grad_(True) for t in (qh, kh, vh)]
         o_ref, _ = linear_attn_recurrent(*ref_in, decay=decay.double())
         o_ref.backward(dh.double())
-        gpu_in = [t.to(DEV).requires_grad_(True) for t in (qh, kh, vh)]
+        gpu_in = [t.to(DEV, copy=True).requires_grad_(True) for t in (qh, kh, vh)]
         out = lasp2_attention(*gpu_in, group=g, decay=decay.to(DEV))
         out.backward(dh.to(DEV))
         assert_close("lasp2 out", o_ref, out, dtype)
