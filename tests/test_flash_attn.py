@@ -1,6 +1,7 @@
 """flash_attn (Triton under the interpreter, and the blockwise torch backend) against the fp64 naive
 reference: out, lse and dq/dk/dv of a loss that uses both out and lse, the ring-merge property of
-``bwd``, and input validation.
+``bwd``, and input validation; packed documents (``cu_seqlens``) and windows against the naive
+reference with the mask built from the definition, and the skipping of invisible tiles.
 
 Inputs are drawn in fp64 and rounded to the dtype under test; the reference runs in fp64 on the
 rounded values, so only the kernel's own arithmetic is measured. Upstream gradients are rounded
@@ -263,29 +264,34 @@ def _merge(o1, l1, o2, l2):
     return out, lse
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", F64), ("torch", BF16), ("triton", F32), ("triton", BF16)],
-                         ids=["torch-float64", "torch-bfloat16", "triton-float32", "triton-bfloat16"])
-def test_bwd_with_merged_out_lse_gives_block_share(backend, dtype, small_torch_blocks):
+@pytest.mark.parametrize("backend,dtype,masked", [("torch", F64, False), ("torch", BF16, False), ("triton", F32, False),
+                                                  ("triton", BF16, False), ("torch", F64, True), ("triton", F32, True)],
+                         ids=["torch-float64", "torch-bfloat16", "triton-float32", "triton-bfloat16",
+                              "torch-float64-documents-window", "triton-float32-documents-window"])
+def test_bwd_with_merged_out_lse_gives_block_share(backend, dtype, masked, small_torch_blocks):
     # queries at positions 50..149, keys 0..199 split at 90: rows 0..39 see nothing of block 2,
     # and block 2 is partly masked, so both the empty-row and the partial paths are exercised.
+    # masked: documents with a boundary inside each block and a window (a ring step with documents).
     case = Case("merge", 100, 200, 4, 2, 64, True, q_offset=50, k_offset=0)
+    mask_kw = dict(cu_seqlens=torch.tensor([0, 70, 120, 200]), window_size=60) if masked else {}
     q, k, v, w, c = _inputs(case, dtype)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     q, k, v, w, c = (t.to(_device(backend)) for t in (q, k, v, w, c))
     kern = softmax_kernel(backend)
     split = 90
     blocks = [(k[:, :split], v[:, :split], 0), (k[:, split:], v[:, split:], split)]
-    parts = [kern.fwd(q, kb, vb, causal=True, softmax_scale=None, q_offset=50, k_offset=ko) for kb, vb, ko in blocks]
+    parts = [kern.fwd(q, kb, vb, causal=True, softmax_scale=None, q_offset=50, k_offset=ko, **mask_kw)
+             for kb, vb, ko in blocks]
     out, lse = _merge(*parts[0], *parts[1])
 
-    ref_out, ref_lse = attention_ref(*ref_leaves, causal=True, q_offset=50)
+    ref_out, ref_lse = attention_ref(*ref_leaves, causal=True, q_offset=50, **mask_kw)
     _loss(ref_out, ref_lse, w.cpu(), c.cpu()).backward()
     assert_close("merged out", ref_out, out.to(dtype))
     assert_close("merged lse", ref_lse, lse)
 
     dlse = c.masked_fill(torch.isinf(lse), 0.0)
     grads = [kern.bwd(w, q, kb, vb, out.to(dtype), lse, causal=True, softmax_scale=None, q_offset=50,
-                      k_offset=ko, dlse=dlse) for kb, vb, ko in blocks]
+                      k_offset=ko, dlse=dlse, **mask_kw) for kb, vb, ko in blocks]
     assert_close("dq (sum of blocks)", ref_leaves[0].grad, grads[0][0] + grads[1][0])
     assert_close("dk (concat of blocks)", ref_leaves[1].grad, torch.cat([grads[0][1], grads[1][1]], 1))
     assert_close("dv (concat of blocks)", ref_leaves[2].grad, torch.cat([grads[0][2], grads[1][2]], 1))
