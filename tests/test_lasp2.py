@@ -1,7 +1,7 @@
 """LASP-2 over gloo CPU ranks against the single-process fp64 reference, its byte count, its errors.
 
-Per-token gates g and packed documents (cu_seqlens) are checked in their own launches (see
-``_gated_worker``) against the fp64 step-by-step recurrence of the whole sequence.
+Per-token gates g and packed documents (cu_seqlens) are checked in the same launches (see
+``_gated_worker``) against the fp64 step-by-step recurrence of the whole sequence, with their bytes.
 
 Each launch batches many checks (a launch costs seconds): for one P, both layouts x {fp64, fp32, bf16}
 x {no decay, per-head decay [-2.0 strong, -0.05, -0.002 weak]}, each comparing out, dq, dk, dv with
@@ -101,18 +101,9 @@ def _correctness_worker(rank, p):
     return failures, checked
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("p", [1, 2, 3, 4], ids=lambda p: f"P{p}")
-def test_lasp2_matches_reference_and_bytes(p):
-    results = run_distributed(_correctness_worker, p, timeout=200)
-    failures = [f for r, (fails, _) in enumerate(results) for f in fails]
-    assert not failures, "\n".join(failures)
-    assert all(n == 4 * (2 * len(DECAYS) * len(DTYPES) + 1) for _, n in results)
-
-
 # --- per-token gates g and packed documents (cu_seqlens) ------------------------------------------
-# S = 240: zigzag chunks of 60 / 40 / 30 tokens for P = 2 / 3 / 4, contiguous 120 / 80 / 60 (P = 1 is the
-# kernel alone, covered by tests/test_linear_docs.py).
+# S = 240: zigzag chunks of 120 / 60 / 40 / 30 tokens for P = 1 / 2 / 3 / 4, contiguous 240 / 120 / 80 / 60.
+# They run in the same launch as the plain cases (a launch costs seconds).
 # The documents hold 1-token documents (first, at chunk starts 60 and 120, last), starts exactly on
 # chunk boundaries (60, 120, 150 = 5 x 30), an empty document (97, 97) and documents spanning ranks.
 SG = 240
@@ -196,15 +187,22 @@ def _gated_worker(rank, p, cases):
     return failures, checked
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("p", [2, 3, 4], ids=lambda p: f"P{p}")
-def test_lasp2_gates_and_documents(p):
+def _worker(rank, p, gated_cases):
+    """One launch per P: the plain cases and bytes, then the gated / document cases and bytes."""
+    plain = _correctness_worker(rank, p)
+    gated = _gated_worker(rank, p, gated_cases)
+    return plain[0] + gated[0], (plain[1], gated[1])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("p", [1, 2, 3, 4], ids=lambda p: f"P{p}")
+def test_lasp2_matches_reference_and_bytes(p):
     cases = _gated_cases()
-    results = run_distributed(_gated_worker, p, cases, timeout=200)
+    results = run_distributed(_worker, p, cases, timeout=260)
     failures = [f for fails, _ in results for f in fails]
     assert not failures, "\n".join(failures)
     n_grads = sum(5 if c["inputs"][4] is not None else 4 for c, _ in cases)
-    assert all(n == 2 * n_grads + 5 for _, n in results)
+    assert all(n == (4 * (2 * len(DECAYS) * len(DTYPES) + 1), 2 * n_grads + 5) for _, n in results)
 
 
 def _triton_worker(rank, p):
