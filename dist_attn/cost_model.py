@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 from dist_attn.checks import fail as _fail  # ValueError: "<where>: expected ..., got .... Fix: ..."
 from dist_attn.hardware import Phase, PhaseBuilder, detect_gpus_per_node, get_profile
+from dist_attn.plan import head_split_ok
 
 log = logging.getLogger("dist_attn.cost_model")
 
@@ -286,9 +287,8 @@ def strategy_cost(strategy: str, shape: AttnShape, cp: int, *, profile="h100", g
 
 
 def valid_split(shape: AttnShape, u: int) -> bool:
-    """Can Ulysses split these heads over ``u`` ranks (Hq % u == 0; Hkv % u == 0 or u % Hkv == 0)?"""
-    hkv = shape.kv_heads
-    return shape.heads % u == 0 and (hkv % u == 0 if hkv >= u else u % hkv == 0)
+    """Can Ulysses split these heads over ``u`` ranks? The plan's rule (:func:`dist_attn.plan.head_split_ok`)."""
+    return head_split_ok(shape.heads, shape.kv_heads, u)
 
 
 def _check_split(where, shape: AttnShape, u: int, cp: int, linear: bool):

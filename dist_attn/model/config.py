@@ -15,11 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from dist_attn.checks import fail
+
 LAYER_TYPES = {"L": "linear attention", "F": "full softmax attention"}
-
-
-def _fail(field: str, expected: str, got, fix: str) -> None:
-    raise ValueError(f"ModelConfig.{field}: expected {expected}, got {got!r}. Fix: {fix}")
 
 
 @dataclass
@@ -109,37 +107,39 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                _fail(name, "a positive int", v, f"set {name} >= 1")
+                fail(f"ModelConfig.{name}", "a positive int", v, f"set {name} >= 1")
         for name in ("n_kv_heads", "head_dim", "linear_heads", "linear_head_dim", "ffn_hidden"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                _fail(name, "a positive int or None", v, f"set {name} >= 1 or leave it None for the default")
+                fail(f"ModelConfig.{name}", "a positive int or None", v,
+                     f"set {name} >= 1 or leave it None for the default")
         bad = sorted(set(self.pattern) - set(LAYER_TYPES))
         if not self.pattern or bad:
-            _fail("pattern", f"a non-empty string of {sorted(LAYER_TYPES)} (L linear, F full softmax)",
-                  self.pattern, "write the mixer of each block, e.g. 'LLLF' for 3 linear : 1 full")
+            fail("ModelConfig.pattern", f"a non-empty string of {sorted(LAYER_TYPES)} (L linear, F full softmax)",
+                 repr(self.pattern), "write the mixer of each block, e.g. 'LLLF' for 3 linear : 1 full")
         if self.head_dim is None and self.d_model % self.n_heads != 0:
-            _fail("n_heads", f"a divisor of d_model={self.d_model} (head_dim is derived as d_model // n_heads)",
-                  self.n_heads, "choose n_heads dividing d_model, or set head_dim explicitly")
+            fail("ModelConfig.n_heads",
+                 f"a divisor of d_model={self.d_model} (head_dim is derived as d_model // n_heads)",
+                 self.n_heads, "choose n_heads dividing d_model, or set head_dim explicitly")
         if self.n_heads % self.kv_heads != 0:
-            _fail("n_kv_heads", f"a divisor of n_heads={self.n_heads} (each KV head serves a group of "
-                  f"query heads)", self.n_kv_heads, "choose n_kv_heads dividing n_heads")
+            fail("ModelConfig.n_kv_heads", f"a divisor of n_heads={self.n_heads} (each KV head serves a group of "
+                 f"query heads)", self.n_kv_heads, "choose n_kv_heads dividing n_heads")
         if "F" in self.layer_types and self.softmax_head_dim % 2 != 0:
-            _fail("head_dim", "an even softmax head dim (RoPE rotates pairs of channels)",
-                  self.softmax_head_dim, "choose an even head_dim (or d_model // n_heads even)")
+            fail("ModelConfig.head_dim", "an even softmax head dim (RoPE rotates pairs of channels)",
+                 self.softmax_head_dim, "choose an even head_dim (or d_model // n_heads even)")
         if self.linear_head_dim is None and self.d_model % self.lin_heads != 0:
-            _fail("linear_heads", f"a divisor of d_model={self.d_model}", self.lin_heads,
-                  "choose linear_heads dividing d_model, or set linear_head_dim explicitly")
+            fail("ModelConfig.linear_heads", f"a divisor of d_model={self.d_model}", self.lin_heads,
+                 "choose linear_heads dividing d_model, or set linear_head_dim explicitly")
         if not (0.0 < self.linear_decay_min <= self.linear_decay_max < 1.0):
-            _fail("linear_decay_min/max", "0 < linear_decay_min <= linear_decay_max < 1",
-                  (self.linear_decay_min, self.linear_decay_max),
-                  "use decays in (0, 1), e.g. min 0.6 (memory ~2 tokens) and max 0.999 (~1000 tokens)")
+            fail("ModelConfig.linear_decay_min/max", "0 < linear_decay_min <= linear_decay_max < 1",
+                 (self.linear_decay_min, self.linear_decay_max),
+                 "use decays in (0, 1), e.g. min 0.6 (memory ~2 tokens) and max 0.999 (~1000 tokens)")
         if self.linear_qkv_init_std is not None and not self.linear_qkv_init_std > 0:
-            _fail("linear_qkv_init_std", "a positive float or None", self.linear_qkv_init_std,
-                  "leave it None for d_model^-1/2")
+            fail("ModelConfig.linear_qkv_init_std", "a positive float or None", self.linear_qkv_init_std,
+                 "leave it None for d_model^-1/2")
         if self.mlp_ratio <= 0 or self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
-            _fail("mlp_ratio/norm_eps/init_std/rope_theta", "positive values",
-                  (self.mlp_ratio, self.norm_eps, self.init_std, self.rope_theta), "set them > 0")
+            fail("ModelConfig.mlp_ratio/norm_eps/init_std/rope_theta", "positive values",
+                 (self.mlp_ratio, self.norm_eps, self.init_std, self.rope_theta), "set them > 0")
         return self
 
     # ---------------------------------------------------------------- counting

@@ -62,7 +62,8 @@ def _docs(cu_seqlens) -> dict:
 
 
 def softmax_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_ids: torch.Tensor, theta: float,
-                cp: CPContext, gate: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cp: CPContext, gate: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` (projections), gate logits ``[B, S/P, Hq]`` or None
     -> ``[B, S/P, Hq, D]``: RoPE on q and k, causal attention through ``dispatch`` (the CP strategy),
     then ``o_h * sigmoid(gate_h)``."""
