@@ -26,6 +26,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dist_attn.checks import fail
+
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 META_SUFFIX = ".json"
 VAL_SUFFIX = ".val"
@@ -37,9 +39,6 @@ def val_path_for(path: str) -> str:
     return os.fspath(path) + VAL_SUFFIX
 
 
-def _fail(where: str, expected: str, got, fix: str) -> None:
-    raise ValueError(f"{where}: expected {expected}, got {got!r}. Fix: {fix}")
-
 
 def read_meta(path: str) -> Optional[dict]:
     """The JSON meta next to a token file, or None if there is none."""
@@ -50,7 +49,7 @@ def read_meta(path: str) -> Optional[dict]:
         with open(meta_path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        _fail("TokenDataset", f"readable JSON meta at {meta_path}", str(e),
+        fail("TokenDataset", f"readable JSON meta at {meta_path}", str(e),
               "re-run `python -m dist_attn.data.prepare` to rewrite it")
 
 
@@ -58,7 +57,7 @@ def vocab_size_from_meta(path: str) -> int:
     """The vocabulary size recorded in token file ``path``'s meta (for ``model.vocab_size=auto``)."""
     meta = read_meta(os.fspath(path))
     if meta is None or not isinstance(meta.get("vocab_size"), int):
-        _fail("model.vocab_size=auto", f"a vocab_size in {os.fspath(path) + META_SUFFIX}",
+        fail("model.vocab_size=auto", f"a vocab_size in {os.fspath(path) + META_SUFFIX}",
               None if meta is None else meta.get("vocab_size"),
               "write the token file with `python -m dist_attn.data.prepare`, or set model.vocab_size=N")
     return meta["vocab_size"]
@@ -74,7 +73,7 @@ def resolve_val_path(data_path: Optional[str], val_path: Optional[str] = None) -
     ``prepare --val-fraction`` wrote beside ``data_path`` if there is one, else None."""
     if val_path:
         if not os.path.isfile(val_path):
-            _fail("data.val_path", "an existing token file", val_path,
+            fail("data.val_path", "an existing token file", val_path,
                   "write one with `python -m dist_attn.data.prepare --val-fraction F` (it is OUTPUT.val)")
         return os.fspath(val_path)
     if data_path:
@@ -97,29 +96,29 @@ class TokenDataset:
                  sequential: bool = False):
         path = os.fspath(path)
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            _fail("TokenDataset.path", "a readable token file", path,
+            fail("TokenDataset.path", "a readable token file", path,
                   "write one with `python -m dist_attn.data.prepare --input FILES --output PATH`")
         meta = read_meta(path) or {}
         if dtype is None:
             dtype = meta.get("dtype")
             if dtype is None:
-                _fail("TokenDataset.dtype", "'uint16' or 'uint32' (no PATH.json meta to read it from)", None,
+                fail("TokenDataset.dtype", "'uint16' or 'uint32' (no PATH.json meta to read it from)", None,
                       "pass dtype=... or write the file with dist_attn.data.prepare")
         if dtype not in DTYPES:
-            _fail("TokenDataset.dtype", f"one of {sorted(DTYPES)}", dtype, "use uint16 for vocabularies <= 65536")
+            fail("TokenDataset.dtype", f"one of {sorted(DTYPES)}", dtype, "use uint16 for vocabularies <= 65536")
         if meta.get("dtype", dtype) != dtype:
-            _fail("TokenDataset.dtype", f"{meta['dtype']!r} as recorded in {path + META_SUFFIX}", dtype,
+            fail("TokenDataset.dtype", f"{meta['dtype']!r} as recorded in {path + META_SUFFIX}", dtype,
                   "drop the dtype argument to use the recorded one")
         if not isinstance(seq_len, int) or seq_len < 1:
-            _fail("TokenDataset.seq_len", "a positive int", seq_len, "pass the global sequence length S")
+            fail("TokenDataset.seq_len", "a positive int", seq_len, "pass the global sequence length S")
         itemsize = np.dtype(DTYPES[dtype]).itemsize
         size = os.path.getsize(path)
         if size % itemsize != 0:
-            _fail("TokenDataset", f"a file size that is a multiple of {itemsize} bytes ({dtype})", size,
+            fail("TokenDataset", f"a file size that is a multiple of {itemsize} bytes ({dtype})", size,
                   "check the dtype (uint16 vs uint32) or re-run prepare")
         self.num_tokens = size // itemsize
         if self.num_tokens < seq_len + 1:
-            _fail("TokenDataset", f"at least seq_len + 1 = {seq_len + 1} tokens in {path}", self.num_tokens,
+            fail("TokenDataset", f"at least seq_len + 1 = {seq_len + 1} tokens in {path}", self.num_tokens,
                   "prepare more text or lower seq_len")
         self.path, self.seq_len, self.dtype, self.seed = path, seq_len, dtype, seed
         self.sequential = bool(sequential)
@@ -143,7 +142,7 @@ class TokenDataset:
         """This data-parallel rank's rows ``[dp_rank * B, (dp_rank + 1) * B)`` of the global batch at
         ``step``, as ``[B, S + 1]`` long windows (inputs and their next tokens)."""
         if not 0 <= dp_rank < dp_size or batch_size < 1 or step < 0:
-            _fail(f"{type(self).__name__}.get_batch", "step >= 0, batch_size >= 1 and 0 <= dp_rank < dp_size",
+            fail(f"{type(self).__name__}.get_batch", "step >= 0, batch_size >= 1 and 0 <= dp_rank < dp_size",
                   (step, batch_size, dp_rank, dp_size), "pass this rank's data-parallel rank and world size")
         g = batch_size * dp_size
         return torch.from_numpy(np.stack([self.window(step, dp_rank * batch_size + i, g)

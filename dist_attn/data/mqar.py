@@ -24,12 +24,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dist_attn.checks import fail
+
 IGNORE_INDEX = -100
 FILLER = 0
 
-
-def _fail(where: str, expected: str, got, fix: str) -> None:
-    raise ValueError(f"{where}: expected {expected}, got {got!r}. Fix: {fix}")
 
 
 @dataclass
@@ -52,14 +51,14 @@ class MQARDataset:
         n, q = self.num_kv_pairs, self.queries
         n_keys = (self.vocab_size - 1) // 2
         if self.vocab_size < 3:
-            _fail("MQARDataset.vocab_size", ">= 3 (filler, keys, values)", self.vocab_size, "use e.g. 64")
+            fail("MQARDataset.vocab_size", ">= 3 (filler, keys, values)", self.vocab_size, "use e.g. 64")
         if n < 1 or n > n_keys:
-            _fail("MQARDataset.num_kv_pairs", f"1..{n_keys} distinct keys for vocab_size={self.vocab_size}", n,
+            fail("MQARDataset.num_kv_pairs", f"1..{n_keys} distinct keys for vocab_size={self.vocab_size}", n,
                   "lower num_kv_pairs or raise vocab_size (keys take half of the non-filler tokens)")
         if q < 1 or q > n:
-            _fail("MQARDataset.num_queries", f"1..num_kv_pairs={n}", q, "query at most every key once")
+            fail("MQARDataset.num_queries", f"1..num_kv_pairs={n}", q, "query at most every key once")
         if 2 * n + 2 * q > self.seq_len:
-            _fail("MQARDataset.seq_len", f">= 2*num_kv_pairs + 2*num_queries = {2 * n + 2 * q}", self.seq_len,
+            fail("MQARDataset.seq_len", f">= 2*num_kv_pairs + 2*num_queries = {2 * n + 2 * q}", self.seq_len,
                   "raise seq_len or lower num_kv_pairs / num_queries")
 
     @property
@@ -93,7 +92,7 @@ class MQARDataset:
         both global along the sequence (shard them with :func:`dist_attn.data.sharding.shard_batch`).
         """
         if not 0 <= dp_rank < dp_size or batch_size < 1 or step < 0:
-            _fail("MQARDataset.get_batch", "step >= 0, batch_size >= 1 and 0 <= dp_rank < dp_size",
+            fail("MQARDataset.get_batch", "step >= 0, batch_size >= 1 and 0 <= dp_rank < dp_size",
                   (step, batch_size, dp_rank, dp_size), "pass this rank's data-parallel rank and world size")
         rows = [self.sequence(step, dp_rank * batch_size + i) for i in range(batch_size)]
         tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
@@ -106,7 +105,7 @@ def recall_accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     ``(correct, total)`` long scalars (tensors, so the trainer can all-reduce them over CP/DP ranks;
     accuracy = sum(correct) / sum(total))."""
     if logits.shape[:-1] != labels.shape:
-        _fail("recall_accuracy", f"labels of shape {tuple(logits.shape[:-1])}", tuple(labels.shape),
+        fail("recall_accuracy", f"labels of shape {tuple(logits.shape[:-1])}", tuple(labels.shape),
               "pass the labels sharded like the logits")
     mask = labels != ignore_index
     correct = ((logits.argmax(dim=-1) == labels) & mask).sum()
