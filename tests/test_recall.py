@@ -226,3 +226,19 @@ def test_cp_recall_matches_single_process():
                           [0, 0.5, 1], samples=3).to_json()
     for out in results:
         assert out["dp"]["correct"] == ref["correct"] and out["dp"]["total"] == ref["total"]
+
+
+def test_passkey_with_a_tokenizer_json(tmp_path):
+    from dist_attn.data.tokenize import train_bpe
+    texts = ["The pass key of gufe is 72829. Remember it. What is the pass key?"] * 20 + \
+        ["some filler text about nothing in particular, with numbers 0 1 2 3 4 5 6 7 8 9."] * 20
+    tok = train_bpe(texts, 300)
+    tok.save(str(tmp_path / "tok.json"))
+    task = make_task("passkey", vocab_size=300, tokenizer=str(tmp_path / "tok.json"))
+    p = task.prompt(400, 0.5, seed=0, sample=0)
+    assert p.input_ids.shape == (400,) and p.input_ids.max() < 300
+    needle = tok.decode(p.input_ids[p.needle_start:p.needle_start + p.needle_len].tolist())
+    assert needle.strip().startswith("The pass key of") and tok.decode(p.answer_ids[0].tolist()).strip().isdigit()
+    assert evaluate_recall(oracle(300), task, [400], [0, 1], samples=2).accuracy == [[1.0, 1.0]]
+    with pytest.raises(ValueError, match="tokenizer"):
+        make_task("passkey", vocab_size=299, tokenizer=str(tmp_path / "tok.json"))
