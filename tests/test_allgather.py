@@ -13,7 +13,7 @@ import torch
 from dist_attn.allgather import _from_sequence, _gathered_index, _remote_blocks, _to_sequence
 from dist_attn.layout import position_ids, shard
 from tests.dist import run_distributed
-from tests.test_ring import cases_for, cases_worker, check_errors
+from tests.softmax_cp_runner import cases_for, cases_worker, check_errors
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4], ids=lambda p: f"P{p}")

@@ -10,7 +10,7 @@ import torch
 
 from dist_attn.layout import position_ids
 from tests.dist import run_distributed
-from tests.test_ulysses import compare, make_tensors, run_sharded, softmax_ref, ulysses_bytes
+from tests.ulysses_runner import compare, make_tensors, run_sharded, softmax_ref, ulysses_bytes
 
 SPLITS = {2: ((2, 1), (1, 2)), 4: ((2, 2), (1, 4), (4, 1))}
 HEADS = {2: (4, (4, 2, 1)), 4: (8, (8, 4, 2, 1))}  # Hq, KV-head options (Hkv < U replicates)
