@@ -198,3 +198,20 @@ class HybridLM(nn.Module):
     def num_params(self) -> int:
         """Number of distinct parameters (tied weights counted once); equals ``cfg.num_params()``."""
         return sum(p.numel() for p in self.parameters())
+
+    # model files and decoding: thin entry points, implemented in dist_attn.model.io / .generate
+    def save_pretrained(self, directory: str, *, tokenizer=None, dtype=None) -> str:
+        """``config.json`` + ``model.safetensors`` (+ tokenizer) in ``directory``; see :mod:`dist_attn.model.io`."""
+        from dist_attn.model.io import save_pretrained
+        return save_pretrained(self, directory, tokenizer=tokenizer, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, device=None, dtype=None) -> "HybridLM":
+        """A model saved by :meth:`save_pretrained` or ``launchers.export``: no engine, no process group, CP off."""
+        from dist_attn.model.io import from_pretrained
+        return from_pretrained(directory, device=device, dtype=dtype, cls=cls)
+
+    def generate(self, input_ids, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Incremental decoding (recurrent state / KV cache); see :func:`dist_attn.model.generate.generate`."""
+        from dist_attn.model.generate import generate
+        return generate(self, input_ids, max_new_tokens, **sampling)
