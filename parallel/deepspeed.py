@@ -43,7 +43,7 @@ from dist_attn.checks import fail
 from dist_attn.context import CPContext
 from dist_attn.data.mqar import recall_accuracy
 from dist_attn.model.hybrid import HybridLM
-from dist_attn.train.engine import IGNORE_INDEX, StepStats, ensure_launcher_env, lr_at
+from dist_attn.train.engine import IGNORE_INDEX, EvalStats, StepStats, ensure_launcher_env, lr_at, unpack
 from dist_attn.train.groups import build_groups
 
 _DS = None
@@ -292,12 +292,58 @@ class DeepSpeedEngine:
         dist.all_reduce(bad)
         return bad.item() == 0
 
+    def _pipe_batches(self, batches: list):
+        """The pipeline's data: ``((input_ids, position_ids[, cu_seqlens]), labels)`` per micro-batch.
+        Packed documents: ``cu_seqlens`` travels through every stage inside the activation tuple, which
+        DeepSpeed sends with the shapes of the first micro-batch it ever saw, so it is padded to the
+        fixed length N + 1 (N = packed row length) with N: empty trailing documents, which the
+        strategies accept (``dist_attn.documents``)."""
+        out = []
+        for mb in batches:
+            ids, labels, pos, cu = unpack(mb)
+            if cu is None:
+                out.append(((ids, pos), labels))
+                continue
+            n = ids.shape[1] * self.plan.cp
+            padded = torch.full((n + 1,), n, dtype=torch.int32)
+            padded[:cu.numel()] = cu
+            out.append(((ids, pos, padded), labels))
+        return out
+
+    def _forward(self, mb) -> tuple:
+        """``(logits, labels)`` of one micro-batch on the plain (non-pipelined) engine."""
+        ids, labels, pos, cu = unpack(mb)
+        docs = {} if cu is None else {"cu_seqlens": cu}
+        return self.engine(ids, pos, **docs), labels
+
+    @torch.no_grad()
+    def eval_step(self, batches: list) -> EvalStats:
+        """Forward only (no gradient, no update) over ``batches``; pipelines run DeepSpeed's inference
+        schedule (``eval_batch``). Loss statistics reduced over the job, as in :meth:`train_step`."""
+        stats = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._loss_fn = loss_fn = self._loss_fn_for(1.0, stats)
+        if self.pipeline:
+            self.engine.eval_batch(data_iter=iter(self._pipe_batches(batches)), num_micro_batches=len(batches))
+            self.engine.module.train()  # eval_batch leaves the module in eval mode
+        else:
+            was_training = self.engine.module.training
+            self.engine.module.eval()
+            try:
+                for mb in batches:
+                    loss_fn(*self._forward(mb))
+            finally:
+                self.engine.module.train(was_training)
+        dist.all_reduce(stats)  # pipelines: only the last stage has non-zero stats
+        loss_sum, n_tok, correct, total = stats.tolist()
+        return EvalStats(loss=loss_sum / max(n_tok, 1.0), n_tokens=int(n_tok), recall_correct=int(correct),
+                         recall_total=int(total))
+
     def train_step(self, batches: list) -> StepStats:
         """One optimizer step over this rank's ``batches`` (``grad_accum`` tuples ``(input_ids,
-        labels, position_ids)``); see the engine contract. Without pipelining a non-finite loss is caught
-        (collectively) before its backward and the update is skipped (``applied=False``); a pipeline
-        reports it after the step."""
-        n_local = sum(int((lab != IGNORE_INDEX).sum()) for _, lab, _ in batches)
+        labels, position_ids[, cu_seqlens])``); see the engine contract. Without pipelining a non-finite
+        loss is caught (collectively) before its backward and the update is skipped (``applied=False``);
+        a pipeline reports it after the step."""
+        n_local = sum(int((mb[1] != IGNORE_INDEX).sum()) for mb in batches)
         n_global = torch.tensor([float(n_local)], device=self.device)
         dist.all_reduce(n_global)  # every pipeline stage counted the same data: divide by pp
         n_tokens = max(n_global.item() / self.plan.pp, 1.0)
@@ -306,12 +352,10 @@ class DeepSpeedEngine:
         self._loss_fn = loss_fn = self._loss_fn_for(scale, stats)
         lr = self.lr
         if self.pipeline:
-            it = iter([((ids, pos), labels) for ids, labels, pos in batches])
-            self.engine.train_batch(data_iter=it)
+            self.engine.train_batch(data_iter=iter(self._pipe_batches(batches)))
         else:
-            for ids, labels, pos in batches:
-                logits = self.engine(ids, pos)
-                loss = loss_fn(logits, labels)
+            for mb in batches:
+                loss = loss_fn(*self._forward(mb))
                 if not self._finite_everywhere(loss):
                     return StepStats(loss=float("nan"), n_tokens=int(n_tokens), recall_correct=0, recall_total=0,
                                      grad_norm=float("nan"), lr=lr, applied=False)
@@ -349,3 +393,45 @@ class DeepSpeedEngine:
             fail(f"checkpoint {path}", f"a DeepSpeed checkpoint under tag {CKPT_TAG!r}", "none",
                  "pass a directory written by this trainer (checkpoints/step_*)")
         return client_state or {}
+
+
+# ---------------------------------------------------------------------------- export (no process group)
+
+def export_state_dict(path: str, model_cfg, layout: dict) -> dict:
+    """The HybridLM state dict of a checkpoint this engine saved in ``path`` (``checkpoints/step_N``), in
+    one process, without a process group. ZeRO 1-3: the fp32 master weights, merged from every DP x CP
+    rank's partition by DeepSpeed's ``zero_to_fp32``; ZeRO 0: the module's weights (the training dtype).
+    Pipelines: one ``layer_XX-model_00-model_states.pt`` per stage layer, in the order of
+    :meth:`HybridLM.pipeline_layers` (embedding, blocks, head)."""
+    _deepspeed()
+    import glob
+    ckpt = os.path.join(path, CKPT_TAG)
+    if not os.path.isdir(ckpt):
+        fail(f"export {path}", f"a DeepSpeed checkpoint directory {ckpt}", "nothing there",
+             "pass a checkpoint written by backend=deepspeed (checkpoints/step_N)")
+    if layout.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(path, tag=CKPT_TAG)
+        if layout.get("pp", 1) > 1:  # a pipeline's names are per layer: "<layer index>.<name>"
+            sd = _pipeline_names(sd, model_cfg)
+        return sd
+    if layout.get("pp", 1) > 1:
+        sd = {}
+        for f in sorted(glob.glob(os.path.join(ckpt, "layer_*-model_states.pt"))):
+            idx = int(os.path.basename(f).split("-")[0].split("_")[1])
+            sd.update({f"{idx}.{k}": v for k, v in torch.load(f, map_location="cpu", weights_only=False).items()})
+        return _pipeline_names(sd, model_cfg)
+    states = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    return dict(states["module"])
+
+
+def _pipeline_names(sd: dict, model_cfg) -> dict:
+    """``"<pipeline layer index>.<name>"`` -> HybridLM names: 0 is ``embed``, 1..n the blocks, n+1 ``head``."""
+    n = model_cfg.n_layers
+    out = {}
+    for key, value in sd.items():
+        idx, name = key.split(".", 1)
+        idx = int(idx)
+        prefix = "embed." if idx == 0 else "head." if idx == n + 1 else f"blocks.{idx - 1}."
+        out[prefix + name] = value
+    return out

@@ -61,7 +61,7 @@ from dist_attn.parallel._megatron_layers import hybridlm_to_megatron_state_dict
 from dist_attn.parallel._megatron_setup import (MegatronGroups, MegatronTrainSettings, _init_torch_distributed,
                                                 build_megatron_model, init_megatron, load_hybridlm_weights,
                                                 transformer_config, validate_megatron)
-from dist_attn.train.engine import IGNORE_INDEX, StepStats
+from dist_attn.train.engine import IGNORE_INDEX, EvalStats, StepStats, unpack
 
 with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected, we use neither
     warnings.simplefilter("ignore")
@@ -69,6 +69,7 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
@@ -134,8 +135,11 @@ class MegatronEngine:
         """Collective: megatron's TP/PP/CP/DP groups and GPTModel chunks with the weights of
         ``HybridLM(cfg.model)`` under ``cfg.trainer.seed`` (the DeepSpeed engine's initial weights)."""
         groups = init_megatron(plan, cfg.model, seed=cfg.trainer.seed, timeout_s=float(cfg.trainer.timeout_s))
-        return cls(cfg.model, groups, MegatronTrainSettings.from_train_config(cfg), seq_len=cfg.data.seq_len,
-                   micro_batch=cfg.trainer.micro_batch, seed=cfg.trainer.seed)
+        seq_len, micro_batch = cfg.data.seq_len, cfg.trainer.micro_batch
+        if getattr(cfg.data, "documents", False):  # packed documents: one row of micro_batch x seq_len tokens
+            seq_len, micro_batch = seq_len * micro_batch, 1
+        return cls(cfg.model, groups, MegatronTrainSettings.from_train_config(cfg), seq_len=seq_len,
+                   micro_batch=micro_batch, seed=cfg.trainer.seed)
 
     # ------------------------------------------------------------------ construction
     def __init__(self, model_cfg: ModelConfig, groups: MegatronGroups, settings: MegatronTrainSettings, *,
@@ -174,6 +178,12 @@ class MegatronEngine:
             config.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
         self.last_grad_norm = float("nan")
         self._stats: Optional[torch.Tensor] = None
+        # packed documents reach megatron's layers as its ``packed_seq_params``; our mixers take the
+        # global offsets as ``cu_seqlens``: hand them over at every mixer call (the offsets stay on the CPU)
+        for chunk in self.chunks:
+            for mod in chunk.modules():
+                if getattr(type(mod), "cp_aware", False):
+                    mod.register_forward_pre_hook(_packed_to_cu_seqlens, with_kwargs=True)
 
     @property
     def coords(self):
@@ -227,9 +237,36 @@ class MegatronEngine:
         return loss_sum, n, {"loss_sum": loss_sum.detach()}
 
     def _forward_step(self, data_iterator, model):
-        ids, labels, pos = next(data_iterator)
-        out = model(ids, pos, None)  # first stage embeds ids; later stages read the received activations
+        ids, labels, pos, cu = unpack(next(data_iterator))
+        packed = None if cu is None else PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        # first stage embeds ids; later stages read the received activations (every stage has cu_seqlens)
+        out = model(ids, pos, None, packed_seq_params=packed)
         return out, partial(self._loss, labels)
+
+    def eval_step(self, micro_batches: list) -> EvalStats:
+        """Forward only over ``micro_batches`` (any number; pipelines run megatron's forward-only
+        schedule), no gradient; loss statistics reduced over the job as in :meth:`train_step`."""
+        if not micro_batches:
+            fail("MegatronEngine.eval_step", "at least one micro-batch", 0, "set trainer.eval_batches >= 1")
+        device = next(self.model[0].parameters()).device
+        self._stats = torch.zeros(4, dtype=torch.float64, device=device)
+        for m in self.model:
+            m.eval()
+        try:
+            with megatron_device_shim(), torch.no_grad():
+                iters = [iter(micro_batches) for _ in self.model]
+                get_forward_backward_func()(
+                    forward_step_func=self._forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
+                    model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=len(micro_batches),
+                    seq_length=self.seq_len, micro_batch_size=self.micro_batch, forward_only=True)
+        finally:
+            for m in self.model:
+                m.train()
+        stats = self._stats
+        dist.all_reduce(stats)  # only the last stage's TP rank 0 contributed
+        loss_sum, n_tok, correct, total = stats.tolist()
+        return EvalStats(loss=loss_sum / max(n_tok, 1.0), n_tokens=int(n_tok), recall_correct=int(correct),
+                         recall_total=int(total))
 
     def train_step(self, micro_batches: list) -> StepStats:
         par = self.plan
@@ -363,9 +400,45 @@ class MegatronEngine:
         return dict(sd.get("client_state", {}))
 
 
+def _packed_to_cu_seqlens(module, args, kwargs):
+    """Forward pre-hook of our mixers: megatron's ``packed_seq_params`` -> the mixer's ``cu_seqlens``."""
+    packed = kwargs.get("packed_seq_params")
+    if packed is not None and kwargs.get("cu_seqlens") is None:
+        kwargs["cu_seqlens"] = packed.cu_seqlens_q
+    return args, kwargs
+
+
 def describe(groups: MegatronGroups) -> str:
     """One line for logs: sizes and this rank's coordinates."""
     p = groups.plan
     return (f"megatron tp={p.tp} pp={p.pp}{f' vpp={p.vpp}' if p.virtual > 1 else ''} cp={p.cp} dp={groups.dp} | "
             f"rank tp={groups.tp_rank} pp={groups.pp_rank} cp={groups.cp_rank} dp={groups.dp_rank} | "
             f"softmax={p.softmax_cp} linear={p.linear_cp} layout={p.layout}")
+
+
+# ---------------------------------------------------------------------------- export
+
+def export_state_dict(path: str, model_cfg: ModelConfig, layout: dict) -> dict:
+    """The HybridLM state dict of a checkpoint :meth:`MegatronEngine.save` wrote under ``path``, whatever
+    its TP/PP/VPP/CP/DP sizes: a world-of-one megatron model (tp = pp = cp = 1) requests every weight
+    from ``dist_checkpointing``, which reassembles the TP shards and pipeline stages by their global
+    keys; the weights then go through :func:`megatron_to_hybridlm_state_dict`. Needs a process group:
+    initialises a gloo world of one when none exists (a CLI process)."""
+    from dist_attn.parallel._megatron_layers import megatron_to_hybridlm_state_dict
+    from dist_attn.plan import ParallelPlan
+    ckpt = os.path.join(path, CKPT_SUBDIR)
+    if not os.path.isdir(ckpt):
+        fail(f"export {path}", f"a megatron checkpoint directory {ckpt}", "nothing there",
+             "pass a checkpoint written by backend=megatron (checkpoints/step_N)")
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        fail("megatron export", "a world of one process (the export reassembles every shard itself)",
+             dist.get_world_size(), "run python -m launchers.export in a single process")
+    plan = ParallelPlan.build(1, softmax_cp="zigzag_ring", linear_cp="lasp2")
+    groups = init_megatron(plan, model_cfg, seed=0)
+    (chunk,) = build_megatron_model(model_cfg, groups, precision=layout.get("precision", "fp32"))
+    meta = {"non_homogeneous_layers": True, "distrib_optim_sharding_type": "dp_reshardable"}
+    with megatron_device_shim(), torch.no_grad():
+        sd = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=meta)}, ckpt)
+        chunk.load_state_dict(sd["model"], strict=False)
+    own = {k: v.detach().cpu() for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
+    return megatron_to_hybridlm_state_dict(own, model_cfg)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from dist_attn.checks import fail
 from dist_attn.engines import ENGINES
@@ -83,6 +83,14 @@ class DataConfig:
     """memmap: path of the token file (see dist_attn.data.prepare)."""
     dtype: Optional[str] = None
     """memmap: uint16 | uint32; None reads it from the file's PATH.json meta."""
+    documents: bool = False
+    """memmap: pack the windows with their document boundaries (``dist_attn.data.packing``): attention
+    and linear-attention state stop at every end-of-document token, RoPE positions restart at each
+    document, no loss across a boundary. A micro-batch of B rows is one packed row of B·seq_len tokens
+    (so micro_batch·seq_len <= model.max_seq_len). Needs a token file with an eos_id (from prepare)."""
+    val_path: Optional[str] = None
+    """memmap: the validation token file for trainer.eval_every; None: the held-out file ``PATH.val``
+    that ``prepare --val-fraction`` wrote beside data.path, if any."""
 
 
 @dataclass
@@ -117,6 +125,12 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s per device for MFU; None: a table lookup on GPU, a rough estimate on CPU."""
     tensorboard: bool = True
+    eval_every: int = 0
+    """Validation loss and perplexity every this many steps (and at the last step); 0: never. The
+    stream is data.val_path / the held-out file (memmap) or a fixed MQAR split: the same batches at
+    every evaluation, whatever the seed, the step or a restart."""
+    eval_batches: int = 4
+    """Micro-batches (of micro_batch rows per data-parallel replica) per evaluation."""
     progress: bool = True
     """Progress bar on rank 0."""
     timeout_s: float = 600.0
@@ -124,9 +138,24 @@ class TrainerConfig:
     stops the job instead of stalling it (torch gives sub-groups 30 min by default)."""
 
 
+AUTO = "auto"  # model.vocab_size=auto
+
+
+@dataclass
+class ModelSchema(ModelConfig):
+    """The ``model`` group as Hydra types it: :class:`ModelConfig` whose ``vocab_size`` may also be
+    ``"auto"`` (the token file's meta for data=memmap, data.vocab_size for MQAR), resolved by
+    :func:`resolve_vocab` (``to_train_config`` and the trainer call it) into a plain int."""
+    vocab_size: Any = 256
+
+    def __post_init__(self):
+        if self.vocab_size != AUTO:
+            self.validate()
+
+
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelSchema)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -155,12 +184,34 @@ def _reject_unknown(node, schema, path: str) -> None:
 
 
 def to_train_config(cfg) -> TrainConfig:
-    """An OmegaConf node (from Hydra) -> plain dataclasses (ModelConfig validates itself on init)."""
+    """An OmegaConf node (from Hydra) -> plain dataclasses (ModelConfig validates itself on init),
+    with ``model.vocab_size=auto`` resolved (:func:`resolve_vocab`)."""
     from omegaconf import OmegaConf
-    if isinstance(cfg, TrainConfig):
+    if not isinstance(cfg, TrainConfig):
+        _reject_unknown(cfg, TrainConfig, "")
+        cfg = OmegaConf.to_object(cfg)
+    return resolve_vocab(cfg)
+
+
+def resolve_vocab(cfg: TrainConfig) -> TrainConfig:
+    """``model.vocab_size=auto`` -> the vocabulary of the data: the token file's meta
+    (:func:`dist_attn.data.memmap.vocab_size_from_meta`) for data=memmap, ``data.vocab_size`` for
+    MQAR. Returns ``cfg`` itself when there is nothing to resolve, else a new config (local, no I/O
+    beyond the meta file)."""
+    import dataclasses
+    m, d = cfg.model, cfg.data
+    if m.vocab_size != AUTO:
         return cfg
-    _reject_unknown(cfg, TrainConfig, "")
-    return OmegaConf.to_object(cfg)
+    if d.name == "memmap":
+        if not d.path or not os.path.exists(d.path):
+            fail("model.vocab_size=auto", "data.path naming an existing token file to read the vocabulary from",
+                 repr(d.path), "pass data.path=/path/to/tokens.bin (from `python -m dist_attn.data.prepare`)")
+        from dist_attn.data.memmap import vocab_size_from_meta
+        vocab = vocab_size_from_meta(d.path)
+    else:
+        vocab = d.vocab_size
+    model = dataclasses.replace(m, vocab_size=vocab)  # validates the model with its real vocabulary
+    return dataclasses.replace(cfg, model=model)
 
 
 def _positive(name: str, v, fix: str) -> None:
@@ -208,16 +259,41 @@ def _check_data(cfg: TrainConfig, plan: ParallelPlan) -> None:
         if not d.path or not os.path.exists(d.path):
             fail("data.path", "an existing token file for data=memmap", repr(d.path),
                  "prepare one with `python -m dist_attn.data.prepare` and pass data.path=/path/to/tokens.bin")
-        from dist_attn.data.memmap import TokenDataset
-        vocab = TokenDataset(d.path, d.seq_len, d.dtype).vocab_size  # checks dtype, size; reads no tokens
+        from dist_attn.data.memmap import TokenDataset, resolve_val_path
+        from dist_attn.data.packing import open_dataset
+        # checks dtype and size (reads no tokens); with documents also the eos_id of the meta
+        vocab = open_dataset(d.path, d.seq_len, documents=d.documents, dtype=d.dtype).vocab_size
         if vocab is not None and vocab > m.vocab_size:
             fail("model.vocab_size", f">= the token file's vocabulary {vocab}", m.vocab_size,
-                 f"set model.vocab_size={vocab}")
+                 f"set model.vocab_size={vocab} (or model.vocab_size=auto)")
+        val = resolve_val_path(d.path, d.val_path)  # raises if data.val_path names no file
+        if cfg.trainer.eval_every and val is None:
+            fail("trainer.eval_every", "a validation token file: data.val_path or the held-out PATH.val beside "
+                 "data.path", f"eval_every={cfg.trainer.eval_every} and no {d.path}.val",
+                 "prepare with --val-fraction 0.01 (writes PATH.val), pass data.val_path=..., or "
+                 "set trainer.eval_every=0")
+        if val is not None:
+            TokenDataset(val, d.seq_len, d.dtype, sequential=True)  # long enough, same dtype
+    if d.documents:
+        if d.name != "memmap":
+            fail("data.documents", "false with data=mqar (MQAR sequences are single documents)", True,
+                 "use data=memmap data.path=... data.documents=true, or data.documents=false")
+        n = cfg.trainer.micro_batch * d.seq_len
+        if n > m.max_seq_len:
+            fail("data.documents=true", f"micro_batch x seq_len <= model.max_seq_len={m.max_seq_len} (a "
+                 f"micro-batch is ONE packed row of micro_batch x seq_len tokens)",
+                 f"{cfg.trainer.micro_batch} x {d.seq_len} = {n}",
+                 f"raise model.max_seq_len to {n}, or lower trainer.micro_batch")
+        plan.check_sequence(n, "trainer.micro_batch x data.seq_len (the packed row)")
+    w = getattr(m, "window_size", None)
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        fail("model.window_size", "null or an int >= 0 (a query at p sees keys p - W .. p)", repr(w),
+             "set e.g. model.window_size=1024, or null for full causal attention")
 
 
 def _check_trainer(cfg: TrainConfig) -> None:
     t = cfg.trainer
-    for name in ("steps", "micro_batch", "grad_accum", "log_every", "keep_ckpts"):
+    for name in ("steps", "micro_batch", "grad_accum", "log_every", "keep_ckpts", "eval_batches"):
         _positive(f"trainer.{name}", getattr(t, name), f"set trainer.{name} >= 1")
     if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
         fail("trainer.lr / trainer.min_lr", "0 <= min_lr <= lr and lr > 0", (t.lr, t.min_lr),
@@ -226,6 +302,9 @@ def _check_trainer(cfg: TrainConfig) -> None:
         fail("trainer.timeout_s", "> 0 seconds", t.timeout_s, "set e.g. trainer.timeout_s=600")
     if t.warmup_steps < 0:
         fail("trainer.warmup_steps", ">= 0", t.warmup_steps, "set 0 for no warmup")
+    if not isinstance(t.eval_every, int) or isinstance(t.eval_every, bool) or t.eval_every < 0:
+        fail("trainer.eval_every", "0 (no evaluation) or a positive number of steps", repr(t.eval_every),
+             "set e.g. trainer.eval_every=100")
     if t.ckpt_every < 0:
         fail("trainer.ckpt_every", ">= 0", t.ckpt_every, "set 0 for no checkpoints")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
@@ -250,6 +329,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> ParallelPlan:
     local: call it before any process group is created. ``cfg`` is not modified."""
     from dist_attn.engines import engine_class
     world_size = world_size_from_env() if world_size is None else world_size
+    if cfg.model.vocab_size == AUTO:
+        fail("model.vocab_size", "an int (auto resolved before validation)", "'auto'",
+             "pass the config through dist_attn.train.config.to_train_config or resolve_vocab first")
     cfg.model.validate()
     _check_backend(cfg)
     plan, _ = plan_for(cfg, world_size)  # the cost model logs its one-line reasons

@@ -5,11 +5,16 @@
     cls.init_distributed(timeout_s)        # torch.distributed from the launcher's env (or a world of one)
     engine = cls.build(cfg, plan, device)  # groups, model (HybridLM weights under cfg.trainer.seed), optimizer
     stats = engine.train_step(batches)     # one optimizer step -> StepStats, reduced over the whole job
+    ev = engine.eval_step(batches)         # no gradient, no update -> EvalStats, reduced over the whole job
     engine.save(path, {"step": 10}); engine.load(path); engine.lr; engine.grad_norm
 
 ``batches`` is this rank's list of ``grad_accum`` micro-batches ``(input_ids [B, S/P], labels [B, S/P],
 position_ids)``, each sequence sharded over the CP group in ``plan.layout``
 (:func:`dist_attn.data.sharding.shard_batch`); every TP rank and pipeline stage gets the same list.
+With packed documents a micro-batch is ``(input_ids [1, N/P], labels, position_ids, cu_seqlens)``
+(:func:`dist_attn.data.sharding.shard_packed`, N = B·S): ``cu_seqlens`` the GLOBAL document offsets
+``[0, ..., N]`` on the CPU, the same on every rank; the engine hands it to the model's every attention
+layer (:func:`unpack` reads either form).
 
 Loss and statistics contract (the same for every engine): the step minimises the global per-token
 mean cross entropy over every labelled token of the step's global batch (all DP replicas, CP shards
@@ -50,6 +55,24 @@ class StepStats:
     """False: the loss was not finite and the update was skipped."""
 
 
+@dataclass(frozen=True)
+class EvalStats:
+    """One evaluation pass (no gradient), reduced over the job (the same numbers on every rank)."""
+    loss: float
+    """Global per-token mean cross entropy over the labelled tokens of every batch."""
+    n_tokens: int
+    recall_correct: int
+    recall_total: int
+
+
+def unpack(micro_batch) -> tuple:
+    """``(input_ids, labels, position_ids[, cu_seqlens])`` -> ``(input_ids, labels, position_ids,
+    cu_seqlens or None)``."""
+    ids, labels, pos, *docs = micro_batch
+    assert len(docs) <= 1, f"a micro-batch has 3 or 4 entries, got {3 + len(docs)}"
+    return ids, labels, pos, (docs[0] if docs else None)
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A training engine behind the trainer; see the module docstring for the contract."""
@@ -71,6 +94,9 @@ class Engine(Protocol):
         """Collective: groups, model, optimizer and schedule of ``cfg`` (a TrainConfig) under ``plan``."""
 
     def train_step(self, batches: list) -> StepStats: ...
+
+    def eval_step(self, batches: list) -> EvalStats:
+        """Forward only over ``batches`` (any number; pipelines: through the stages), no gradient."""
 
     def save(self, path: str, client_state: dict) -> None: ...
 

@@ -12,7 +12,13 @@ Per step t (0-based; ``step`` in logs and checkpoints counts completed steps):
    fall on ranks and micro-steps) and returns its StepStats, reduced over the job;
 3. a non-finite loss stops the job naming the step and the last good checkpoint;
 4. loss, recall accuracy, lr, grad norm, throughput, MFU, CP comm bytes and memory are logged
-   every ``log_every`` steps; a checkpoint is committed every ``ckpt_every`` steps and at the end.
+   every ``log_every`` steps; a checkpoint is committed every ``ckpt_every`` steps and at the end;
+5. every ``eval_every`` steps (and at the last), ``val_loss`` and ``val_ppl`` = exp(val_loss) on the
+   first ``eval_batches`` batches of the validation stream (``engine.eval_step``, no gradient), logged
+   in the same row. The stream is fixed, so the numbers at a step do not depend on restarts.
+
+Packed documents (``data.documents=true``): each micro-batch is one packed row with its global
+``cu_seqlens`` (CPU), passed by the engines to ``HybridLM(ids, pos, cu_seqlens=cu)``.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from dist_attn.comm import CommRecorder
 from dist_attn.engines import engine_class
 from dist_attn.plan import ParallelPlan, RankCoords
 from dist_attn.train.checkpoint import Checkpointer, find_resume
-from dist_attn.train.config import TrainConfig, validate
+from dist_attn.train.config import TrainConfig, resolve_vocab, validate
 from dist_attn.train.telemetry import Telemetry
 
 log = logging.getLogger("dist_attn.train")
@@ -54,41 +60,62 @@ class NonFiniteLossError(RuntimeError):
 
 
 class BatchSource:
-    """This rank's micro-batches of global batch ``t``: ``[(input_ids, labels, position_ids)]``.
+    """This rank's micro-batches of global batch ``t``: ``[(input_ids, labels, position_ids)]``, or with
+    packed documents (``data.documents=true``) ``[(input_ids, labels, position_ids, cu_seqlens)]``.
 
     The global batch holds ``micro_batch * grad_accum * dp`` sequences; micro-step m of replica d
     takes rows ``[(m*dp + d) * micro_batch, ...)``, so the global batch does not depend on how it is
     split over replicas and micro-steps (DP=2 sees the same data as DP=1 with twice the batch).
-    """
 
-    def __init__(self, cfg: TrainConfig, plan: ParallelPlan, coords: RankCoords, device: torch.device):
-        from dist_attn.data.sharding import shard_batch
-        self.shard_batch, self.cfg, self.plan, self.coords, self.device = shard_batch, cfg, plan, coords, device
+    Packed documents: a micro-batch's B rows arrive as ONE packed row ``[1, B·S]``
+    (:class:`~dist_attn.data.packing.PackedBatch`): positions restart at each document, labels are -100
+    at every document end, and ``cu_seqlens`` (global offsets over the packed row) stays on the CPU,
+    identical on every CP rank -- the host-sync-free form the strategies plan with.
+
+    ``validation=True``: the fixed validation stream (sequential windows of ``data.val_path`` or the
+    held-out file; for MQAR a fixed seed), batch i = ``micro_batches(i)`` for i < ``eval_batches``.
+    """
+    VAL_SEED = 0x5EED  # MQAR's validation stream: fixed, whatever trainer.seed
+
+    def __init__(self, cfg: TrainConfig, plan: ParallelPlan, coords: RankCoords, device: torch.device,
+                 validation: bool = False):
+        from dist_attn.data.sharding import shard_batch, shard_packed
+        self.shard_batch, self.shard_packed = shard_batch, shard_packed
+        self.cfg, self.plan, self.coords, self.device = cfg, plan, coords, device
         d, t = cfg.data, cfg.trainer
-        if d.name == "mqar":
+        self.is_mqar, self.documents = d.name == "mqar", bool(d.documents)
+        if self.is_mqar:
             from dist_attn.data.mqar import MQARDataset
             self.data = MQARDataset(vocab_size=d.vocab_size, seq_len=d.seq_len, num_kv_pairs=d.num_kv_pairs,
-                                    num_queries=d.num_queries, seed=t.seed)
+                                    num_queries=d.num_queries, seed=self.VAL_SEED if validation else t.seed)
+        elif validation:
+            from dist_attn.data.packing import validation_dataset
+            self.data = validation_dataset(d.path, d.seq_len, val_path=d.val_path, documents=self.documents,
+                                           dtype=d.dtype)
         else:
-            from dist_attn.data.memmap import TokenDataset
-            self.data = TokenDataset(d.path, d.seq_len, d.dtype, seed=t.seed)
-        self.is_mqar = d.name == "mqar"
+            from dist_attn.data.packing import open_dataset
+            self.data = open_dataset(d.path, d.seq_len, documents=self.documents, dtype=d.dtype, seed=t.seed)
 
-    def micro_batches(self, step: int) -> list:
+    def micro_batches(self, step: int, count: int | None = None) -> list:
+        """``count`` (default ``grad_accum``) micro-batches of global batch ``step``."""
         t, p, c = self.cfg.trainer, self.plan, self.coords
+        count = t.grad_accum if count is None else count
         out = []
-        for m in range(t.grad_accum):
+        for m in range(count):
             # rows [(m*dp + d) * B, (m*dp + d + 1) * B) of the step's global batch
-            ids, labels = self.data.get_batch(step, t.micro_batch, dp_rank=m * p.dp + c.dp,
-                                              dp_size=t.grad_accum * p.dp)
-            ids, labels, pos = self.shard_batch(ids, labels, c.cp, p.cp, p.layout)
-            out.append((ids.to(self.device), labels.to(self.device), pos.to(self.device)))
+            batch = self.data.get_batch(step, t.micro_batch, dp_rank=m * p.dp + c.dp, dp_size=count * p.dp)
+            if self.documents:
+                ids, labels, pos, cu = self.shard_packed(batch, c.cp, p.cp, p.layout)
+                out.append((ids.to(self.device), labels.to(self.device), pos.to(self.device), cu))  # cu: CPU
+            else:
+                ids, labels, pos = self.shard_batch(*batch, c.cp, p.cp, p.layout)
+                out.append((ids.to(self.device), labels.to(self.device), pos.to(self.device)))
         return out
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str):
-        self.cfg = cfg
+        self.cfg = cfg = resolve_vocab(cfg)  # model.vocab_size=auto -> the data's vocabulary
         if int(os.environ.get("RANK", "0")) != 0:  # one voice: other ranks report warnings and errors only
             logging.getLogger().setLevel(logging.WARNING)
         self.plan = self.dims = plan = validate(cfg)  # before any process group: fails on every rank alike
@@ -110,6 +137,8 @@ class Trainer:
             log.info("%s", self.engine.describe())
         set_collective_timeout(self.timeout_s)  # our groups and the engine's exist now
         self.data = BatchSource(cfg, plan, self.engine.coords, self.device)
+        self.val = BatchSource(cfg, plan, self.engine.coords, self.device, validation=True) \
+            if cfg.trainer.eval_every else None
         layout = dict(backend=cfg.backend.name, dp=plan.dp, tp=plan.tp, cp=plan.cp, pp=plan.pp, vpp=plan.vpp,
                       zero_stage=cfg.backend.zero_stage, model=asdict(cfg.model))
         # what makes two runs "the same experiment" for trainer.resume=auto across run directories
@@ -145,6 +174,14 @@ class Trainer:
         acc = st.recall_correct / st.recall_total if self.data.is_mqar and st.recall_total else None
         return dict(loss=st.loss, recall_acc=acc, comm_sent_bytes=rec.total_sent, comm_recv_bytes=rec.total_recv,
                     comm_by_kind=dict(rec.sent))
+
+    def evaluate(self) -> dict:
+        """Validation loss and perplexity over ``trainer.eval_batches`` fixed micro-batches (batch i
+        of the validation stream, sharded like training), through the engine's ``eval_step`` (no
+        gradient; the same numbers on every rank)."""
+        batches = [self.val.micro_batches(i, count=1)[0] for i in range(self.cfg.trainer.eval_batches)]
+        st = self.engine.eval_step(batches)
+        return dict(val_loss=st.loss, val_ppl=math.exp(min(st.loss, 700.0)), val_tokens=st.n_tokens)
 
     # ------------------------------------------------------------------ the loop
     def resume(self) -> None:
@@ -182,14 +219,17 @@ class Trainer:
                     acc = "" if out["recall_acc"] is None else f" acc={out['recall_acc']:.3f}"
                     bar.set_postfix_str(f"loss={out['loss']:.4f}{acc}", refresh=False)
                     bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                evals = {}
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    evals = self.evaluate()
+                if self.step % t.log_every == 0 or self.step == t.steps or evals:
                     tps = self.tokens_per_step * window_n / window_t
                     record = self.telemetry.log(dict(
                         step=self.step, loss=out["loss"], recall_acc=out["recall_acc"], lr=self.engine.lr,
                         grad_norm=self.engine.grad_norm, tokens_per_s=tps, step_time_s=window_t / window_n,
                         mfu=self.telemetry.mfu(self.flops_per_token, tps),
                         comm_sent_bytes=out["comm_sent_bytes"], comm_recv_bytes=out["comm_recv_bytes"],
-                        comm_by_kind=out["comm_by_kind"]))
+                        comm_by_kind=out["comm_by_kind"], **evals))
                     window_t, window_n = 0.0, 0
                 if t.ckpt_every and (self.step % t.ckpt_every == 0 or self.step == t.steps):
                     self.last_ckpt = self.ckpt.save(self.step)
