@@ -13,7 +13,9 @@ shared memory is Triton's own figure (dynamic shared memory of the launch); ``wg
 ``wgmma.mma_async`` in the PTX (Hopper tensor cores; otherwise mma.sync, Ampere-class).
 
 Configurations: flash attention B=2, S=8192, H=16, D 64 and 128, MHA and GQA 4:1, bf16, causal
-(forward, and backward with a gradient into the LSE); lightning B=1, H=8, S=8192, D=128, bf16 with
+(forward, and backward with a gradient into the LSE), and a ring shard B=1, S=1024 (D128 GQA 4:1,
+D64 MHA) whose grids are below two waves of 132 SMs (the small-grid tiles and the dK/dV GQA split,
+``--only small``); lightning B=1, H=8, S=8192, D=128, bf16 with
 decay, initial state and a final-state gradient, and with per-token gates and documents. Needs a
 Triton with the NVIDIA backend whose JITFunction has ``_pack_args`` (3.4 to 3.7; checked with 3.7.1),
 no GPU.
@@ -157,6 +159,11 @@ def configs(only: str | None = None) -> list[tuple[str, list[Launch]]]:
         for d in (128, 64):
             for hkv, tag in ((16, "MHA"), (4, "GQA4")):
                 out.append((f"flash B2 S8192 H16 D{d} {tag} bf16 causal", flash_launches(d, hkv)))
+    if only in (None, "flash", "small"):
+        # a ring shard (B=1, 1K tokens per rank): every flash grid is below two waves of 132 SMs, so
+        # the small-grid tiles (64-row / 64-key resident tiles, 4 warps) and the dK/dV GQA split apply
+        for d, hkv, tag in ((128, 4, "GQA4"), (64, 16, "MHA")):
+            out.append((f"flash B1 S1024 H16 D{d} {tag} bf16 causal small-grid", flash_launches(d, hkv, b=1, s=1024)))
     if only in (None, "lightning"):
         out.append(("lightning B1 H8 S8192 D128 bf16", lightning_launches()))
     return out
@@ -175,7 +182,7 @@ def _dedup(launches: list[Launch]) -> list[Launch]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["flash", "lightning"], default=None)
+    ap.add_argument("--only", choices=["flash", "small", "lightning"], default=None)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     from benchmarks.common import write_results

@@ -202,6 +202,37 @@ def test_triton_gpu_tile_shapes(case_id, dtype, monkeypatch):
     _check(CASES[case_id], dtype, "triton")
 
 
+SMALL_GRID_CASES = {"gqa3-offsets": Case("gqa3-offsets", 70, 90, 3, 1, 32, True, q_offset=30)}
+
+
+@pytest.mark.parametrize("case_id,dtype", [("gqa3-offsets", BF16), ("docs-causal-gqa", F32)])
+def test_triton_small_grid_rules(case_id, dtype, monkeypatch):
+    """Small-grid tiles (64-row/64-key resident tiles) and the dK/dV GQA head split (repeated K/V,
+    fp32 partials summed) under the interpreter, forced by a huge SM count."""
+    from dist_attn.kernels.flash_attn import triton_kernel
+    monkeypatch.setattr(triton_kernel, "_config", triton_kernel.gpu_config)
+    monkeypatch.setattr(triton_kernel, "_sms", lambda device: 10 ** 6)
+    case = SMALL_GRID_CASES.get(case_id) or DOC_CASES[case_id]
+    assert triton_kernel.gqa_split(case.sk, case.b * case.hkv, case.hq // case.hkv, sms=10 ** 6) == case.hq // case.hkv
+    _check(case, dtype, "triton")
+
+
+def test_small_grid_heuristic_choices():
+    from dist_attn.kernels.flash_attn.triton_kernel import gpu_config, gqa_split
+    bf = torch.bfloat16
+    big = gpu_config("fwd", 128, bf, 8192, 2 * 16)  # 64 x 32 = 2048 programs: the default tiles
+    assert big == gpu_config("fwd", 128, bf) and big["BLOCK_M"] == 128
+    small = gpu_config("fwd", 128, bf, 1024, 16)  # a ring shard: 8 x 16 = 128 programs < 2 x 132
+    assert small["BLOCK_M"] == 64 and small["num_warps"] == 4
+    assert gpu_config("dq", 64, bf, 1024, 16)["BLOCK_M"] == 64
+    assert gpu_config("dkdv", 128, bf, 1024, 4 * 4)["BLOCK_N"] == 64
+    assert gpu_config("fwd", 128, bf, 1024, 16, sms=32)["BLOCK_M"] == 128  # a smaller GPU: two waves reached
+    assert gqa_split(8192, 2 * 4, 4) == 1                 # 64 x 8 = 512 programs
+    assert gqa_split(1024, 4, 4) == 4                     # 32 programs: split all 4 heads
+    assert gqa_split(4096, 4, 8) == 4                     # 128 x 4 >= 264: the smallest divisor that suffices
+    assert gqa_split(1024, 4, 1) == 1 and gqa_split(1024, 4, 3) == 3
+
+
 # --- the real (non-interpreted) compiler: the kernels lower to sm_90 cubins without a GPU ---------
 def compile_for_sm90(dtype_name: str, block_d: int, causal: bool, intervals: bool = False) -> None:
     """Compile every flash-attn kernel with the GPU tile heuristic for an H100 target (run in a

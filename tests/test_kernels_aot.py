@@ -4,7 +4,9 @@
 configurations, intercepts each launch, compiles it as the launch would for sm_90a and reads
 registers and spills from Triton's bundled ``ptxas -v``. The full table (every kernel, every config)
 is the benchmark's job; this test compiles the two kernels with the most live registers, which are
-the ones that spilled before: flash dK/dV at D=128 with GQA 4:1, and the lightning backward.
+the ones that spilled before: flash dK/dV at D=128 with GQA 4:1, and the lightning backward; and
+the small-grid forward and dK/dV (GQA split, fp32 partials) of a ring shard (B=1, S=1024): the
+forward spilled 32 B there with 4 warps.
 It runs in a subprocess because the test process imports Triton with the interpreter on.
 """
 from __future__ import annotations
@@ -23,8 +25,11 @@ CODE = r"""
 import json
 from benchmarks import kernels_aot as ka
 rows = []
+small = ka.flash_launches(128, 4, b=1, s=1024)  # a ring shard: small-grid tiles, dK/dV GQA split
 for config, launches, name in (("flash D128 GQA4", ka.flash_launches(128, 4), "_attn_bwd_dkdv"),
-                               ("lightning D128", ka.lightning_launches(), "_chunk_bwd")):
+                               ("lightning D128", ka.lightning_launches(), "_chunk_bwd"),
+                               ("flash small-grid D128 GQA4", small, "_attn_fwd"),
+                               ("flash small-grid D128 GQA4", small, "_attn_bwd_dkdv")):
     la = [l for l in launches if l.fn.fn.__name__ == name]
     assert la, f"no {name} launch captured from the {config} wrapper"
     rows.append(ka.report(la[0], config).__dict__)

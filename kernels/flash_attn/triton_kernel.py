@@ -37,7 +37,27 @@ def _strides(t: torch.Tensor):
     return tuple(t.stride())
 
 
-def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
+H100_SMS = 132  # streaming multiprocessors of an H100/H200 SXM: the AOT compile's assumption
+_SMS: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of ``device`` (a host-side property, cached: no sync); 132 (H100/H200) off CUDA (AOT, meta)."""
+    if device.type != "cuda":
+        return H100_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _sms(device: torch.device) -> int:
+    """SM count for the small-grid rules; 0 (rules off) under the interpreter, where the tiles are
+    fixed (tests patch this and ``_config`` to run the GPU rules under the interpreter)."""
+    return 0 if triton_interpreting() else sm_count(device)
+
+
+def _config(kind: str, block_d: int, dtype: torch.dtype, seq_len=None, batch_heads=None, sms=H100_SMS) -> dict:
     """Tile sizes and launch options for ``kind`` in {"fwd", "dkdv", "dq"}.
 
     Under the interpreter every tile op is a numpy call, so the tile count matters more than the
@@ -46,10 +66,17 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     """
     if triton_interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
-    return gpu_config(kind, block_d, dtype)
+    return gpu_config(kind, block_d, dtype, seq_len, batch_heads, sms)
 
 
-def gpu_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
+def _small_grid(n_programs: int, sms: int) -> bool:
+    """Fewer programs than about two waves of the SMs (at most one resident program per SM at these
+    tiles): smaller tiles make more programs and balance better (ring shards, short blocks)."""
+    return n_programs < 2 * sms
+
+
+def gpu_config(kind: str, block_d: int, dtype: torch.dtype, seq_len: int | None = None,
+               batch_heads: int | None = None, sms: int = H100_SMS) -> dict:
     """GPU tiles (H100-class, ~228 KB shared memory per SM), a fixed heuristic, not autotuned.
 
     The forward keeps a 128-row query tile and streams 64-key tiles; dK/dV keeps a 128-key tile
@@ -60,6 +87,13 @@ def gpu_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     GQA 4:1 (measured by ``benchmarks/kernels_aot.py``): 8 warps for the forward and dK/dV at D=64
     too (4 warps spilled 4 B and 80-336 B), and 16-row query tiles for dK/dV at D=128 (the GQA
     loop over the group's query heads spilled 120 B with 32-row tiles).
+
+    Small grids: given ``seq_len`` (Sq for fwd/dQ, Sk for dK/dV) and ``batch_heads`` (B*Hq; for
+    dK/dV B*Hkv*split, see :func:`gqa_split`), n_programs = cdiv(seq_len, resident tile) *
+    batch_heads at the tiles above. Below two waves of ``sms`` SMs the resident tile (query rows for
+    fwd/dQ, keys for dK/dV) drops to 64, doubling the programs, with 4 warps (one warpgroup, wgmma
+    M = 64) except the D=128 forward (8 warps: 4 spilled 32 B); spill-free on sm_90a as well (the
+    small-grid rows of the AOT table).
     """
     big_d = block_d > 64
     if kind == "fwd":
@@ -68,11 +102,37 @@ def gpu_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
         cfg = dict(BLOCK_M=16 if big_d else 32, BLOCK_N=128, num_warps=8, num_stages=2 if big_d else 3)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8 if big_d else 4, num_stages=3)
+    if seq_len is not None and batch_heads is not None:
+        tile = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+        if _small_grid(triton.cdiv(seq_len, cfg[tile]) * batch_heads, sms):
+            cfg[tile] = 64
+            cfg["num_warps"] = 8 if kind == "fwd" and big_d else 4  # fwd D=128 at 4 warps spilled 32 B
     if dtype == torch.float32:
         cfg["BLOCK_M"] = max(cfg["BLOCK_M"] // 2, 16)
         cfg["BLOCK_N"] = max(cfg["BLOCK_N"] // 2, 16)
         cfg["num_stages"] = 2
     return cfg
+
+
+def gqa_split(sk: int, batch_kv_heads: int, group: int, block_n: int = 128, sms: int = H100_SMS) -> int:
+    """How many dK/dV programs share one KV head's G query heads (1: one program loops over all G).
+
+    dK/dV runs one program per (key block, batch, KV head) looping over the G query heads of the
+    group, so GQA divides its grid by G. Below two waves the wrapper gives each of ``split``
+    programs G/split of the heads: K/V are repeated ``split`` times (KV head h' = h*split + s with
+    the kernel's GROUP = G/split, so query head h'*G/split + g = h*G + s*G/split + g is unchanged),
+    each program writes an fp32 partial dK/dV and the host sums the ``split`` partials (fp32, one
+    rounding to the input dtype, as the fused loop). No kernel change; costs a K/V copy and two fp32
+    partials of B*Sk*Hkv*split*D, small exactly when the grid is small. ``split`` is the smallest
+    divisor of G that reaches two waves, else G.
+    """
+    n = triton.cdiv(sk, block_n) * batch_kv_heads
+    if group <= 1 or not _small_grid(n, sms):
+        return 1
+    for split in range(2, group + 1):
+        if group % split == 0 and n * split >= 2 * sms:
+            return split
+    return group
 
 
 def _check_int32_offsets(op: str, *tensors) -> None:
@@ -114,7 +174,7 @@ def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, cu
     if sq == 0:
         return out, lse
     block_d = triton.next_power_of_2(d)
-    cfg = _config("fwd", block_d, q.dtype)
+    cfg = _config("fwd", block_d, q.dtype, sq, b * hq, _sms(q.device))
     grid = (triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)
     lo, hi = _intervals(row_intervals, q, sq, sk, causal, q_offset, k_offset, cu_seqlens, window_size)
     _attn_fwd[grid](q, k, v, out, lse, lo, hi, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -161,13 +221,24 @@ def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     masked = has_mask(cu_seqlens, window_size)
     qlo, qhi = _intervals(col_intervals, q, sq, sk, causal, q_offset, k_offset, cu_seqlens, window_size)
-    cfg = _config("dkdv", block_d, q.dtype)
-    _attn_bwd_dkdv[(triton.cdiv(sk, cfg["BLOCK_N"]), b * hkv)](
-        q, k, v, dout, lse2, delta, dk, dv, qlo, qhi, *common, hq, hkv, sq, sk, d, hq // hkv, scale,
+    sms = _sms(q.device)
+    group = hq // hkv
+    split = gqa_split(sk, b * hkv, group, sms=sms) if sms else 1
+    cfg = _config("dkdv", block_d, q.dtype, sk, b * hkv * split, sms)
+    ks, vs, dks, dvs = k, v, dk, dv
+    if split > 1:  # see gqa_split: KV head h' = h*split + s serves query heads h*G + s*G/split + [0, G/split)
+        ks, vs = (t.repeat_interleave(split, dim=2) for t in (k, v))
+        dks, dvs = (torch.empty((b, sk, hkv * split, d), dtype=torch.float32, device=q.device) for _ in range(2))
+    _attn_bwd_dkdv[(triton.cdiv(sk, cfg["BLOCK_N"]), b * hkv * split)](
+        q, ks, vs, dout, lse2, delta, dks, dvs, qlo, qhi, *_strides(q), *_strides(ks), *_strides(vs),
+        *_strides(dout), hq, hkv * split, sq, sk, d, group // split, scale,
         int(q_offset), int(k_offset), CAUSAL=bool(causal), INTERVALS=masked, BLOCK_D=block_d,
         DOT_FP32=dot_fp32, **cfg)
+    if split > 1:  # sum the fp32 partials of each KV head, one rounding to the input dtype
+        dk.copy_(dks.view(b, sk, hkv, split, d).sum(3))
+        dv.copy_(dvs.view(b, sk, hkv, split, d).sum(3))
     lo, hi = _intervals(row_intervals, q, sq, sk, causal, q_offset, k_offset, cu_seqlens, window_size)
-    cfg = _config("dq", block_d, q.dtype)
+    cfg = _config("dq", block_d, q.dtype, sq, b * hq, sms)
     _attn_bwd_dq[(triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)](
         q, k, v, dout, lse2, delta, dq, lo, hi, *common, hq, sq, sk, d, hq // hkv, scale,
         int(q_offset), int(k_offset), CAUSAL=bool(causal), INTERVALS=masked, BLOCK_D=block_d,
