@@ -61,6 +61,7 @@ block's share rounded to bf16 before the fp32 sum (one extra rounding, not one p
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -223,6 +224,30 @@ class _Plan:
                      if need[rank][src] and ranges_meet(qr, kr, cu, causal, window_size, n)]
             if d == 0 or any(need[(r + d) % world][r] for r in range(world)):  # same list on every rank
                 self.steps.append((d, send, recv, pairs))
+
+
+_WARM_GROUPS: "weakref.WeakSet" = weakref.WeakSet()  # groups whose first point-to-point call involved every rank
+
+
+def warm_up_p2p(group, device) -> bool:
+    """Once per process group: one tiny point-to-point exchange around the full ring (every rank sends
+    one element to rank+1 and receives from rank-1) in a single ``batch_isend_irecv``. PyTorch requires
+    the FIRST point-to-point call of a NCCL group to involve every rank of it; a planned ring with
+    documents or a window may skip some ranks' calls, so it warms the group up first. Not counted by
+    the :class:`~dist_attn.comm.CommRecorder` (4 bytes each way, once). Returns True if it ran now."""
+    key = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    if world == 1 or key in _WARM_GROUPS:
+        return False
+    rank = dist.get_rank(group)
+    glob = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+    send, recv = torch.zeros(1, device=device), torch.empty(1, device=device)
+    ops = [dist.P2POp(dist.isend, send, glob((rank + 1) % world), group),
+           dist.P2POp(dist.irecv, recv, glob((rank - 1) % world), group)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    _WARM_GROUPS.add(key)
+    return True
 
 
 class _Shift:
@@ -389,4 +414,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, 
     cu = host_offsets(where, cu_seqlens, world * q.shape[1])
     check_same_on_ranks(where, cu, window_size, group)
     plan = _Plan(dist.get_rank(group), world, layout, causal, cu, window_size, q.shape[1])
+    warm_up_p2p(group, q.device)  # the plan may skip some ranks' calls: not as the group's first p2p
     return _MaskedRingAttention.apply(q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size)
