@@ -270,3 +270,45 @@ def hybridlm_to_megatron_state_dict(hybrid_sd: dict, model_cfg: ModelConfig, *, 
         if not (share_embeddings and pre_process):
             out["output_layer.weight"] = _rows(hybrid_sd["head.out.weight"], tp_rank, tp_size)
     return {k: v.detach().clone() for k, v in out.items()}
+
+
+def megatron_to_hybridlm_state_dict(megatron_sd: dict, model_cfg: ModelConfig) -> dict:
+    """Inverse of :func:`hybridlm_to_megatron_state_dict` for a whole model on one TP rank (tp_size 1,
+    every layer, embedding and head): a megatron ``GPTModel`` state dict -> a HybridLM state dict.
+
+    The forward map only permutes, concatenates and slices entries, so it is inverted by running it
+    on *labels*: every HybridLM entry gets a unique id (fp64, exact below 2^53), the map sends the ids
+    where it sends the weights, and each weight is scattered back to the position its id names. One
+    mapping to maintain (new layer types need only the forward map); a HybridLM entry the map never
+    reads fails loudly. With tied embeddings ``head.out.weight`` is the embedding."""
+    from dist_attn.model.hybrid import HybridLM
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in HybridLM(model_cfg).state_dict().items()}
+    tied = model_cfg.tie_embeddings
+    names = [k for k in shapes if not (tied and k == "head.out.weight")]
+    base, ids = 0, {}
+    for k in names:
+        n = shapes[k].numel()
+        ids[k] = (torch.arange(n, dtype=torch.float64) + base).view(shapes[k])
+        base += n
+    if tied:
+        ids["head.out.weight"] = ids["embed.tok.weight"]
+    labels = hybridlm_to_megatron_state_dict(ids, model_cfg, share_embeddings=tied)
+    dtype = next(iter(megatron_sd.values())).dtype
+    flat = torch.empty(base, dtype=dtype)
+    seen = torch.zeros(base, dtype=torch.bool)
+    for key, lab in labels.items():
+        if key not in megatron_sd:
+            raise KeyError(f"megatron state dict lacks {key}")
+        idx = lab.reshape(-1).long()
+        flat[idx] = megatron_sd[key].reshape(-1).to(dtype)
+        seen[idx] = True
+    assert bool(seen.all()), "the HybridLM -> megatron map does not read every HybridLM entry"
+    out, at = {}, 0
+    for k in names:
+        n = shapes[k].numel()
+        out[k] = flat[at:at + n].view(shapes[k]).clone()
+        at += n
+    if tied:
+        out["head.out.weight"] = out["embed.tok.weight"]
+    return out

@@ -435,3 +435,45 @@ def _pipeline_names(sd: dict, model_cfg) -> dict:
         prefix = "embed." if idx == 0 else "head." if idx == n + 1 else f"blocks.{idx - 1}."
         out[prefix + name] = value
     return out
+
+
+# ---------------------------------------------------------------------------- export (no process group)
+
+def export_state_dict(path: str, model_cfg, layout: dict) -> dict:
+    """The HybridLM state dict of a checkpoint this engine saved in ``path`` (``checkpoints/step_N``), in
+    one process, without a process group. ZeRO 1-3: the fp32 master weights, merged from every DP x CP
+    rank's partition by DeepSpeed's ``zero_to_fp32``; ZeRO 0: the module's weights (the training dtype).
+    Pipelines: one ``layer_XX-model_00-model_states.pt`` per stage layer, in the order of
+    :meth:`HybridLM.pipeline_layers` (embedding, blocks, head)."""
+    _deepspeed()
+    import glob
+    ckpt = os.path.join(path, CKPT_TAG)
+    if not os.path.isdir(ckpt):
+        fail(f"export {path}", f"a DeepSpeed checkpoint directory {ckpt}", "nothing there",
+             "pass a checkpoint written by backend=deepspeed (checkpoints/step_N)")
+    if layout.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(path, tag=CKPT_TAG)
+        if layout.get("pp", 1) > 1:  # a pipeline's names are per layer: "<layer index>.<name>"
+            sd = _pipeline_names(sd, model_cfg)
+        return sd
+    if layout.get("pp", 1) > 1:
+        sd = {}
+        for f in sorted(glob.glob(os.path.join(ckpt, "layer_*-model_states.pt"))):
+            idx = int(os.path.basename(f).split("-")[0].split("_")[1])
+            sd.update({f"{idx}.{k}": v for k, v in torch.load(f, map_location="cpu", weights_only=False).items()})
+        return _pipeline_names(sd, model_cfg)
+    states = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    return dict(states["module"])
+
+
+def _pipeline_names(sd: dict, model_cfg) -> dict:
+    """``"<pipeline layer index>.<name>"`` -> HybridLM names: 0 is ``embed``, 1..n the blocks, n+1 ``head``."""
+    n = model_cfg.n_layers
+    out = {}
+    for key, value in sd.items():
+        idx, name = key.split(".", 1)
+        idx = int(idx)
+        prefix = "embed." if idx == 0 else "head." if idx == n + 1 else f"blocks.{idx - 1}."
+        out[prefix + name] = value
+    return out

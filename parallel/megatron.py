@@ -442,3 +442,31 @@ def export_state_dict(path: str, model_cfg: ModelConfig, layout: dict) -> dict:
         chunk.load_state_dict(sd["model"], strict=False)
     own = {k: v.detach().cpu() for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
     return megatron_to_hybridlm_state_dict(own, model_cfg)
+
+
+# ---------------------------------------------------------------------------- export
+
+def export_state_dict(path: str, model_cfg: ModelConfig, layout: dict) -> dict:
+    """The HybridLM state dict of a checkpoint :meth:`MegatronEngine.save` wrote under ``path``, whatever
+    its TP/PP/VPP/CP/DP sizes: a world-of-one megatron model (tp = pp = cp = 1) requests every weight
+    from ``dist_checkpointing``, which reassembles the TP shards and pipeline stages by their global
+    keys; the weights then go through :func:`megatron_to_hybridlm_state_dict`. Needs a process group:
+    initialises a gloo world of one when none exists (a CLI process)."""
+    from dist_attn.parallel._megatron_layers import megatron_to_hybridlm_state_dict
+    from dist_attn.plan import ParallelPlan
+    ckpt = os.path.join(path, CKPT_SUBDIR)
+    if not os.path.isdir(ckpt):
+        fail(f"export {path}", f"a megatron checkpoint directory {ckpt}", "nothing there",
+             "pass a checkpoint written by backend=megatron (checkpoints/step_N)")
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        fail("megatron export", "a world of one process (the export reassembles every shard itself)",
+             dist.get_world_size(), "run python -m launchers.export in a single process")
+    plan = ParallelPlan.build(1, softmax_cp="zigzag_ring", linear_cp="lasp2")
+    groups = init_megatron(plan, model_cfg, seed=0)
+    (chunk,) = build_megatron_model(model_cfg, groups, precision=layout.get("precision", "fp32"))
+    meta = {"non_homogeneous_layers": True, "distrib_optim_sharding_type": "dp_reshardable"}
+    with megatron_device_shim(), torch.no_grad():
+        sd = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=meta)}, ckpt)
+        chunk.load_state_dict(sd["model"], strict=False)
+    own = {k: v.detach().cpu() for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
+    return megatron_to_hybridlm_state_dict(own, model_cfg)

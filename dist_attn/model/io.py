@@ -86,9 +86,10 @@ def tokenizer_info(tokenizer) -> Optional[dict]:
 
 
 def save_state_dict(directory: str, state_dict: dict, cfg: ModelConfig, *, tokenizer=None,
-                    dtype: Optional[torch.dtype] = None) -> str:
+                    dtype: Optional[torch.dtype] = None, source: Optional[dict] = None) -> str:
     """Write a HybridLM ``state_dict`` of ``cfg`` as a model directory (see the module docstring); the
-    export path uses it without building a model. ``dtype``: cast floating tensors (None: keep)."""
+    export path uses it without building a model. ``dtype``: cast floating tensors (None: keep);
+    ``source``: recorded in config.json (e.g. the checkpoint and step an export came from)."""
     cfg.validate()
     info = tokenizer_info(tokenizer)
     os.makedirs(directory, exist_ok=True)
@@ -117,6 +118,8 @@ def save_state_dict(directory: str, state_dict: dict, cfg: ModelConfig, *, token
             info["eos_id"] = _hf_eos_id(dst)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": asdict(cfg),
               "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "tokenizer": info}
+    if source is not None:
+        config["source"] = source
     _write_atomic(os.path.join(directory, CONFIG_NAME),
                   lambda p: open(p, "w").write(json.dumps(config, indent=1) + "\n"))
     return directory

@@ -164,3 +164,43 @@ class Checkpointer:
         if os.path.exists(rng):
             set_rng_state(torch.load(rng, weights_only=False))
         return step
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, *, tokenizer="auto", dtype: Optional[torch.dtype] = None) -> str:
+    """Turn a training checkpoint into a model directory (:mod:`dist_attn.model.io`), in one process.
+
+    ``checkpoint``: a ``step_*`` directory, a ``checkpoints/`` directory or a run directory (its newest
+    complete checkpoint). The model config and the engine come from its ``trainer_state.json``; the
+    engine's ``export_state_dict`` reassembles the weights from whatever layout it saved (DeepSpeed
+    ZeRO partitions or pipeline layers; megatron TP/PP shards). ``tokenizer``: ``"auto"`` takes the
+    one recorded beside the training token file (``data=memmap``; none for MQAR), else as
+    :func:`dist_attn.model.io.tokenizer_info`. Returns ``out_dir``."""
+    import importlib
+    from dist_attn.checks import fail
+    from dist_attn.engines import ENGINES
+    from dist_attn.model.config import ModelConfig
+    from dist_attn.model.io import save_state_dict
+    if not checkpoint or not os.path.isdir(checkpoint):
+        fail("export", "a checkpoint, checkpoints/ or run directory", repr(checkpoint), "check the path")
+    try:
+        path = find_resume(checkpoint, "", "")
+    except ValueError:
+        fail("export", f"a complete checkpoint (a step_* directory holding {MARKER}) or a directory containing "
+             "some", repr(checkpoint), "point at <run>/checkpoints/step_N or at the run directory")
+    with open(os.path.join(path, STATE)) as f:
+        state = json.load(f)
+    layout = state.get("layout") or {}
+    if layout.get("backend") not in ENGINES or not isinstance(layout.get("model"), dict):
+        fail(f"export {path}", f"a {STATE} naming the backend and model", f"layout {layout}",
+             "export a checkpoint written by this project's trainer")
+    cfg = ModelConfig(**layout["model"])
+    sd = importlib.import_module(ENGINES[layout["backend"]][0]).export_state_dict(path, cfg, layout)
+    if tokenizer == "auto":
+        tokenizer = None
+        data = (state.get("experiment") or {}).get("data") or {}
+        if data.get("name") == "memmap" and data.get("path"):
+            from dist_attn.data.memmap import read_meta
+            tokenizer = read_meta(data["path"])
+    source = {"checkpoint": os.path.abspath(path), "step": state.get("step"), "backend": layout["backend"],
+              "layout": {k: layout.get(k) for k in ("dp", "tp", "cp", "pp", "vpp", "zero_stage")}}
+    return save_state_dict(out_dir, sd, cfg, tokenizer=tokenizer, dtype=dtype, source=source)
