@@ -11,6 +11,15 @@ D head dim, b bytes per element, sl = N/P local tokens, C = N/(2P) zigzag chunk)
                     Hkv'/U heads: 2(R-1)/R·B·N·(Hkv'/U)·D·b forward, ·(b+4) backward   2+(R-1) / 2+2(R-1)
     lasp2           (P-1)·c·B·H·Dk·Dv·4  (fp32 states; c = 2 zigzag, 1 contiguous chunks per rank)  1 / 1
     linear_ulysses  (P-1)/P²·B·N·b·H·(2Dk + 2Dv)                                                  2 / 2
+    delta_state     (P-1)·c·B·H·Dk·(Dk+Dv)·4  (maps [b | A])   (P-1)·c·B·H·Dk·Dv·4 (state grads)   1 / 1
+    delta_ulysses   (P-1)/P²·B·N·H·(b·(2Dk + 2Dv + 1) + 4)  the same (g: fp32, own call unless b=4) 2(3) / 2(3)
+
+``delta_*`` are the Gated DeltaNet (``D``) layers' two forms of ``parallel.linear_cp`` (``lasp2`` = state
+passing through :func:`dist_attn.gated_delta.gated_delta_attention`, ``ulysses`` = all-to-all head
+parallelism, :func:`dist_attn.dispatch.delta_attention`); Dv is ``AttnShape.v_head_dim``. The state form
+runs the local kernel at value width Dv + Dk and its gather waits for it (not overlapped), then every rank
+scans the n = c·P chunk maps; the all-to-all form is capped by the head count (H % P == 0) and its two
+all-to-alls are exposed.
 
 Hkv' = max(Hkv, P) for Ulysses (KV heads replicated when Hkv < P; U for USP). The bytes are exactly what
 :class:`dist_attn.comm.CommRecorder` counts (tests/test_cost_model.py asserts equality).
@@ -54,9 +63,12 @@ from dist_attn.plan import head_split_ok
 
 log = logging.getLogger("dist_attn.cost_model")
 
-STRATEGIES = ("zigzag_ring", "allgather", "ulysses", "usp", "lasp2", "linear_ulysses")
+STRATEGIES = ("zigzag_ring", "allgather", "ulysses", "usp", "lasp2", "linear_ulysses", "delta_state",
+              "delta_ulysses")
 MODEL_ONLY = ("lasp1", "linear_ring")
-LINEAR = ("lasp2", "linear_ulysses", "lasp1", "linear_ring")
+LINEAR = ("lasp2", "linear_ulysses", "lasp1", "linear_ring", "delta_state", "delta_ulysses")
+DELTA = ("delta_state", "delta_ulysses")
+LABELS = {"linear_ulysses": "ulysses", "delta_state": "lasp2", "delta_ulysses": "ulysses"}  # -> linear_cp
 MERGE_BYTES = 56  # fp32 bytes per output element per merge_into (o1-o2, w·(), o1-(), zeros_like, where, copy_)
 CHUNK = 64        # chunk of the local linear kernel
 
@@ -75,6 +87,12 @@ class AttnShape:
     dtype_bytes: int = 2
     causal: bool = True
     layout: str = "zigzag"
+    v_head_dim: int = 0
+    """Value head dim Dv of a Gated DeltaNet layer (delta_* strategies); 0: ``head_dim``."""
+
+    @property
+    def dv(self) -> int:
+        return self.v_head_dim or self.head_dim
 
     def __post_init__(self):
         for name in ("seq_len", "heads", "kv_heads", "head_dim", "batch"):
@@ -241,6 +259,47 @@ def _linear_ring(ph: PhaseBuilder, s: AttnShape, p: int, bwd: bool):
         ph.seg(ph.kernel(blk, blk, ph.hw.gemm_flops) + ph.mem(12 * kv), m)
 
 
+def _delta_flops(b: int, h: int, n: int, dk: int, dv: int) -> float:
+    """Forward FLOPs of the chunked gated delta rule on n tokens (ModelConfig.flops_per_token's estimate)."""
+    return 2.0 * b * h * n * (2 * CHUNK * (dk + dv) + 3 * dk * dv)
+
+
+def _delta_state(ph: PhaseBuilder, s: AttnShape, p: int, bwd: bool):
+    """State passing for the delta rule: widened local kernel, all-gather of the maps, scan, correction."""
+    b, h, dk, dv, e = s.batch, s.heads, s.head_dim, s.dv, s.dtype_bytes
+    sl, c = s.seq_len // p, (2 if s.layout == "zigzag" else 1)
+    acc = 8 if e == 8 else 4
+    g = ph.hw.gemm_flops
+    kern = _delta_flops(b, h, sl, dk, dv + dk) * (2.0 if bwd else 1.0)    # value width Dv + Dk
+    scan = 2.0 * c * p * b * h * dk * dk * (dk + (0 if bwd else dv))      # n maps composed (A^T R backward)
+    corr = 2.0 * b * h * sl * dk * dv                                       # o(0, I)·S_in (or G_j backward)
+    ph.seg(ph.kernel(kern, kern, ph.hw.linear_flops) + ph.mem((16 + 2 * e) * b * sl * h * (dk + dv)))
+    if p > 1:
+        sent = (p - 1) * c * b * h * dk * (dv if bwd else dk + dv) * acc
+        ph.seg(0.0, ph.comm("all_gather", sent, list(range(p))), overlap=False)
+    ph.seg(ph.kernel(scan + corr, scan + corr, g, calls=0))
+
+
+def _delta_ulysses(ph: PhaseBuilder, s: AttnShape, p: int, bwd: bool):
+    """All-to-all head parallelism for the delta rule: q|k|v|beta (+ g) in, the local kernel, out back."""
+    b, h, dk, dv, e = s.batch, s.heads, s.head_dim, s.dv, s.dtype_bytes
+    sl, members = s.seq_len // p, list(range(p))
+    per_tok = (p - 1) * b * sl * (h // p)           # (token, head) pairs a rank sends away
+    ins = [(2 * dk + dv + 1) * e + (4 if e == 4 else 0)] + ([] if e == 4 else [4])   # g packed when fp32
+    outs = [dv * e]
+    if bwd:
+        ins, outs = outs, ins                       # dout in; dq, dk, dv, dbeta (, dg) out
+    reorder = 8 if s.layout == "zigzag" else 6
+    for width in ins:
+        ph.seg(ph.mem(reorder * width * b * sl * h),
+               ph.comm("all_to_all", per_tok * width, members), overlap=False)
+    fl = _delta_flops(b, h // p, s.seq_len, dk, dv) * (2.0 if bwd else 1.0)
+    ph.seg(ph.kernel(fl, fl, ph.hw.linear_flops))
+    for width in outs:
+        ph.seg(ph.mem(reorder * width * b * sl * h),
+               ph.comm("all_to_all", per_tok * width, members), overlap=False)
+
+
 def strategy_cost(strategy: str, shape: AttnShape, cp: int, *, profile="h100", gpus_per_node=None,
                   ulysses_degree=None) -> StrategyCost:
     """Predicted cost of ``strategy`` for one layer of ``shape`` on a CP group of ``cp`` ranks.
@@ -263,7 +322,7 @@ def strategy_cost(strategy: str, shape: AttnShape, cp: int, *, profile="h100", g
         _fail(where, "kv_heads == heads for linear attention", f"{shape.kv_heads} vs {shape.heads}",
               "project k/v to all heads")
     u = 1
-    if strategy in ("ulysses", "linear_ulysses"):
+    if strategy in ("ulysses", "linear_ulysses", "delta_ulysses"):
         u = cp
     elif strategy == "usp":
         u = ulysses_degree or max(d for d in range(1, min(cp, gpn) + 1) if cp % d == 0 and valid_split(shape, d))
@@ -280,6 +339,10 @@ def strategy_cost(strategy: str, shape: AttnShape, cp: int, *, profile="h100", g
             _ulysses_like(ph, shape, cp, u, bwd, linear)
         elif strategy == "linear_ring":
             _linear_ring(ph, shape, cp, bwd)
+        elif strategy == "delta_state":
+            _delta_state(ph, shape, cp, bwd)
+        elif strategy == "delta_ulysses":
+            _delta_ulysses(ph, shape, cp, bwd)
         else:
             _lasp(ph, shape, cp, bwd, chain=strategy == "lasp1")
         phases.append(ph.done())
@@ -302,6 +365,10 @@ def _check_split(where, shape: AttnShape, u: int, cp: int, linear: bool):
 
 def candidates(layer_kind: str, shape: AttnShape, cp: int, gpn: int) -> tuple[list, list]:
     """([(strategy, ulysses_degree)] valid for the head split, [why others were left out])."""
+    if layer_kind == "delta":
+        if valid_split(shape, cp):
+            return [("delta_state", 1), ("delta_ulysses", cp)], []
+        return [("delta_state", 1)], [f"ulysses: H={shape.heads} not divisible by P={cp}"]
     if layer_kind == "linear":
         if valid_split(shape, cp):
             return [("lasp2", 1), ("linear_ulysses", cp)], []
@@ -319,16 +386,17 @@ def candidates(layer_kind: str, shape: AttnShape, cp: int, gpn: int) -> tuple[li
 
 def choose_strategy(layer_kind: str, *, heads: int, kv_heads: int, head_dim: int, seq_len: int, cp: int,
                     gpus_per_node=None, dtype_bytes: int = 2, profile="auto", batch: int = 1,
-                    causal: bool = True, layout: str = "zigzag") -> tuple[str, int, str]:
+                    causal: bool = True, layout: str = "zigzag", v_head_dim: int = 0) -> tuple[str, int, str]:
     """``strategy=auto``: the valid strategy with the lowest predicted fwd+bwd time for one layer.
 
     Returns ``(name, ulysses_degree, reason)`` with ``name`` as :class:`dist_attn.context.CPContext`
-    spells it (softmax: zigzag_ring | allgather | ulysses | usp; linear: lasp2 | ulysses) and the
+    spells it (softmax: zigzag_ring | allgather | ulysses | usp; linear and delta (Gated DeltaNet, value
+    head dim ``v_head_dim``, 0 = ``head_dim``): lasp2 (state passing) | ulysses) and the
     Ulysses degree (P for ulysses, U for usp, 1 otherwise). GPUs per node: the argument, else NVML,
     else ``LOCAL_WORLD_SIZE``, else the profile's default. Logs the one-line ``reason``."""
     where = "choose_strategy"
-    if layer_kind not in ("softmax", "linear"):
-        _fail(where, "layer_kind 'softmax' or 'linear'", repr(layer_kind), "pass the attention layer type")
+    if layer_kind not in ("softmax", "linear", "delta"):
+        _fail(where, "layer_kind 'softmax', 'linear' or 'delta'", repr(layer_kind), "pass the attention layer type")
     if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
         _fail(where, "cp a positive int", repr(cp), "pass the CP group size")
     hw = get_profile(profile)
@@ -339,11 +407,12 @@ def choose_strategy(layer_kind: str, *, heads: int, kv_heads: int, head_dim: int
             gpus_per_node, src = hw.gpus_per_node, f"{hw.name} default"
     if not isinstance(gpus_per_node, int) or gpus_per_node < 1:
         _fail(where, "gpus_per_node a positive int or None", repr(gpus_per_node), "pass the GPUs per node")
-    shape = AttnShape(seq_len, heads, kv_heads, head_dim, batch, dtype_bytes, causal, layout)
-    if layer_kind == "linear" and kv_heads != heads:
+    shape = AttnShape(seq_len, heads, kv_heads, head_dim, batch, dtype_bytes, causal, layout,
+                      v_head_dim=v_head_dim)
+    if layer_kind in ("linear", "delta") and kv_heads != heads:
         _fail(where, "kv_heads == heads for a linear layer", f"{kv_heads} vs {heads}", "pass kv_heads=heads")
     if cp == 1:
-        name = "lasp2" if layer_kind == "linear" else "zigzag_ring"
+        name = "zigzag_ring" if layer_kind == "softmax" else "lasp2"
         return name, 1, f"auto({layer_kind}): cp=1, no context parallelism (the local kernel runs)"
     chunks = 2 * cp if layout == "zigzag" else cp
     if seq_len % chunks:
@@ -353,7 +422,7 @@ def choose_strategy(layer_kind: str, *, heads: int, kv_heads: int, head_dim: int
     costs = sorted((strategy_cost(n, shape, cp, profile=hw, gpus_per_node=gpus_per_node, ulysses_degree=u)
                     for n, u in ok), key=lambda c: c.time_s)
     best = costs[0]
-    label = {"linear_ulysses": "ulysses"}.get(best.strategy, best.strategy)
+    label = LABELS.get(best.strategy, best.strategy)
     nodes = -(-cp // gpus_per_node)
     ranking = " < ".join(f"{c.strategy}{f'(U={c.ulysses_degree})' if c.strategy == 'usp' else ''} "
                          f"{1e3 * c.time_s:.3g} ms" for c in costs)
@@ -362,3 +431,37 @@ def choose_strategy(layer_kind: str, *, heads: int, kv_heads: int, head_dim: int
               f"{ranking}" + (f"; not valid: {'; '.join(skipped)}" if skipped else ""))
     log.info(reason)
     return label, best.ulysses_degree, reason
+
+
+def choose_linear_cp(model_cfg, *, seq_len: int, cp: int, gpus_per_node=None, dtype_bytes: int = 2,
+                     profile="auto", batch: int = 1, layout: str = "zigzag") -> tuple[str, str]:
+    """``parallel.linear_cp=auto`` for a model whose pattern has Gated DeltaNet (``D``) layers: one choice
+    covers the ``L``/``G`` and ``D`` layers, so each option (``lasp2`` = state passing, ``ulysses`` =
+    all-to-all, valid only if every such layer's heads split over P) is charged the sum over the layers
+    of its predicted fwd+bwd time; the cheapest wins. Returns ``(linear_cp, reason)``; logs the reason."""
+    m = model_cfg
+    kinds = {t: m.layer_types.count(t) for t in "LGD" if t in m.layer_types}
+    if cp == 1 or not kinds:
+        return "lasp2", "auto(linear): cp=1 or no linear layers, state passing (nothing to choose)"
+    if gpus_per_node is None:
+        gpus_per_node = detect_gpus_per_node()[0] or get_profile(profile).gpus_per_node
+    common = dict(profile=profile, gpus_per_node=gpus_per_node)
+    shapes = {t: (AttnShape(seq_len, m.lin_heads, m.lin_heads, m.lin_head_dim, batch, dtype_bytes, True, layout)
+                  if t != "D" else AttnShape(seq_len, m.d_heads, m.d_heads, m.d_head_dim, batch, dtype_bytes, True,
+                                             layout, v_head_dim=m.d_v_head_dim)) for t in kinds}
+    names = {"lasp2": {"L": "lasp2", "G": "lasp2", "D": "delta_state"},
+             "ulysses": {"L": "linear_ulysses", "G": "linear_ulysses", "D": "delta_ulysses"}}
+    totals, skipped = {}, []
+    for option, per_kind in names.items():
+        bad = [t for t in kinds if option == "ulysses" and not valid_split(shapes[t], cp)]
+        if bad:
+            skipped.append(f"ulysses: heads of {'/'.join(bad)} layers do not split over P={cp}")
+            continue
+        totals[option] = sum(n * strategy_cost(per_kind[t], shapes[t], cp, **common).time_s for t, n in kinds.items())
+    best = min(totals, key=totals.get)
+    ranking = " < ".join(f"{o} {1e3 * t:.3g} ms" for o, t in sorted(totals.items(), key=lambda x: x[1]))
+    reason = (f"auto(linear layers {''.join(f'{n}x{t}' for t, n in kinds.items())}, N={seq_len}, P={cp}, "
+              f"{gpus_per_node} GPUs/node): {best} -- predicted fwd+bwd, all such layers: {ranking}"
+              + (f"; not valid: {'; '.join(skipped)}" if skipped else ""))
+    log.info(reason)
+    return best, reason

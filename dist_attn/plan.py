@@ -74,8 +74,10 @@ def check_model_heads(model_cfg, *, softmax_cp: str, softmax_degree: int, linear
         if "F" in kinds:
             checks += [("n_heads", m.n_heads, "softmax heads are split over TP"),
                        ("n_kv_heads", m.kv_heads, "KV groups are split over TP")]
-        if "L" in kinds:
+        if kinds & {"L", "G"}:
             checks.append(("linear_heads", m.lin_heads, "linear heads are split over TP"))
+        if "D" in kinds:
+            checks.append(("delta_heads", m.d_heads, "Gated DeltaNet heads are split over TP"))
         for name, value, why in checks:
             if value % tp != 0:
                 fail(f"{prefix}{name}", f"a multiple of tp={tp} ({why})", value, f"change {name} or tp")
@@ -84,9 +86,13 @@ def check_model_heads(model_cfg, *, softmax_cp: str, softmax_degree: int, linear
         check_head_split(f"{prefix}n_heads / n_kv_heads (softmax_cp={softmax_cp} shards the {m.n_heads // tp} / "
                          f"{m.kv_heads // tp} heads{per_rank})", m.n_heads // tp, m.kv_heads // tp,
                          softmax_degree, "Ulysses degree")
-    if "L" in kinds and linear_degree > 1:
+    if kinds & {"L", "G"} and linear_degree > 1:
         h = m.lin_heads // tp
         check_head_split(f"{prefix}linear_heads (linear_cp={linear_cp} shards the {h} heads{per_rank})", h, h,
+                         linear_degree, "CP size")
+    if "D" in kinds and linear_degree > 1:
+        h = m.d_heads // tp
+        check_head_split(f"{prefix}delta_heads (linear_cp={linear_cp} shards the {h} heads{per_rank})", h, h,
                          linear_degree, "CP size")
 
 
@@ -264,7 +270,12 @@ class ParallelPlan:
                                            head_dim=m.softmax_head_dim, **common)
             changes.update(softmax_cp=name, ulysses_degree=u if name == "usp" else self.ulysses_degree)
             reasons.append(why)
-        if self.linear_cp == AUTO:
+        if self.linear_cp == AUTO and "D" in m.layer_types:  # one choice for the L/G and D layers together
+            from dist_attn.cost_model import choose_linear_cp
+            name, why = choose_linear_cp(m, **common)
+            changes["linear_cp"] = name
+            reasons.append(why)
+        elif self.linear_cp == AUTO:
             name, _, why = choose_strategy("linear", heads=m.lin_heads, kv_heads=m.lin_heads,
                                            head_dim=m.lin_head_dim, **common)
             changes["linear_cp"] = name

@@ -15,9 +15,10 @@ validation loss and perplexity, recall summary), ``recall.json`` and ``recall.pn
 matplotlib). Recall runs with context parallelism like training (:mod:`dist_attn.eval.recall`); data
 parallel replicas split the prompts.
 
-Validation stream: ``data=memmap``: the held-out file (``--val-path``, else ``PATH.val`` written by
-``prepare --val-fraction``; skipped when there is none), sequential windows, the same every run;
-``data=mqar``: fresh MQAR sequences of the training format under a fixed evaluation seed.
+Validation: the training run's validation stream and the engine's ``eval_step`` (the ``val_loss`` /
+``val_ppl`` that ``trainer.eval_every`` logs): ``data=memmap``: ``data.val_path``, else the held-out
+``PATH.val`` of ``prepare --val-fraction`` (skipped when there is none), sequential windows, the same
+every run; ``data=mqar``: a fixed MQAR split (its own seed).
 Recall task (``--task auto``): ``mqar`` for an MQAR-trained model, ``passkey`` otherwise.
 """
 from __future__ import annotations
@@ -30,7 +31,6 @@ import os
 import shutil
 import sys
 
-EVAL_SEED = 1_000_003  # MQAR validation sequences: a seed no training run uses by default
 DEPTHS = "0,0.25,0.5,0.75,1"
 log = logging.getLogger("dist_attn.eval")
 
@@ -45,8 +45,8 @@ def parse_args(argv):
     p.add_argument("--depths", default=DEPTHS, help=f"comma-separated needle depths in [0, 1] ({DEPTHS})")
     p.add_argument("--samples", type=int, default=8, help="prompts per (length, depth) cell")
     p.add_argument("--seed", type=int, default=0, help="seed of the recall prompts")
-    p.add_argument("--val-batches", type=int, default=8, help="validation batches (0: skip)")
-    p.add_argument("--val-path", default=None, help="validation token file (default: data.path + '.val')")
+    p.add_argument("--val-batches", type=int, default=None,
+                   help="validation micro-batches (default: trainer.eval_batches; 0: skip)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for passkey text (default: the data's)")
     p.add_argument("--out", default=None, help="output directory (default: <run>/eval/step_N)")
     p.add_argument("--no-png", action="store_true", help="write the JSON only")
@@ -81,41 +81,26 @@ def model_forward(engine):
          "evaluate with parallel.pp=1 (any cp/dp/tp); the checkpoint layout must match, so re-export it")
 
 
-def validation(cfg, forward, engine, device, opts) -> dict | None:
-    """Mean next-token loss (and MQAR recall) over ``opts.val_batches`` batches, every DP x CP rank."""
-    import torch
-    import torch.distributed as dist
-
-    from dist_attn.data import MQARDataset, recall_accuracy, shard_batch, validation_dataset
-    from dist_attn.model.hybrid import HybridLM
-    d, t, plan, c = cfg.data, cfg.trainer, engine.plan, engine.coords
-    if opts.val_batches <= 0:
+def validation(trainer, opts) -> dict | None:
+    """Validation loss / perplexity (and MQAR recall) over the first ``n`` batches of the training run's
+    validation stream, through the engine's ``eval_step`` (no gradient, reduced over the job): the
+    numbers ``trainer.eval_every`` logs as ``val_loss`` / ``val_ppl`` with ``trainer.eval_batches=n``."""
+    from dist_attn.data.memmap import resolve_val_path
+    from dist_attn.train.trainer import BatchSource
+    cfg = trainer.cfg
+    d, n = cfg.data, cfg.trainer.eval_batches if opts.val_batches is None else opts.val_batches
+    if n <= 0:
         return None
-    if d.name == "mqar":
-        ds, source = MQARDataset(vocab_size=d.vocab_size, seq_len=d.seq_len, num_kv_pairs=d.num_kv_pairs,
-                                 num_queries=d.num_queries, seed=EVAL_SEED), f"mqar seed {EVAL_SEED}"
-    else:
-        ds = validation_dataset(d.path, d.seq_len, val_path=opts.val_path, dtype=d.dtype)
-        if ds is None:
-            log.warning("no validation stream (no --val-path and no %s.val): validation loss skipped", d.path)
-            return None
-        source = ds.path
-    acc = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, tokens, hits, queries
-    for step in range(opts.val_batches):
-        ids, labels = ds.get_batch(step, t.micro_batch, dp_rank=c.dp, dp_size=plan.dp)
-        ids, labels, pos = shard_batch(ids, labels, c.cp, plan.cp, plan.layout)
-        logits = forward(ids.to(device), pos.to(device))
-        labels = labels.to(logits.device)
-        loss, n = HybridLM.loss_sum(logits, labels)
-        hit, total = recall_accuracy(logits, labels)
-        acc += torch.stack([loss.double(), n.double(), hit.double(), total.double()]).to(device)
-    # every (dp, cp) shard counted once per TP rank, uniformly: the ratios are the global means
-    dist.all_reduce(acc)
-    loss_sum, n, hit, total = acc.tolist()
-    out = dict(source=source, batches=opts.val_batches, sequences=opts.val_batches * t.micro_batch * plan.dp,
-               seq_len=d.seq_len, val_loss=loss_sum / n, val_ppl=math.exp(min(loss_sum / n, 700.0)))
-    if d.name == "mqar":
-        out["val_recall_acc"] = hit / total
+    if d.name != "mqar" and resolve_val_path(d.path, d.val_path) is None:
+        log.warning("no validation stream (no data.val_path and no %s.val): validation loss skipped", d.path)
+        return None
+    val = trainer.val or BatchSource(cfg, trainer.plan, trainer.engine.coords, trainer.device, validation=True)
+    st = trainer.engine.eval_step([val.micro_batches(i, count=1)[0] for i in range(n)])
+    out = dict(source=f"mqar seed {BatchSource.VAL_SEED}" if d.name == "mqar" else resolve_val_path(d.path, d.val_path),
+               batches=n, sequences=n * cfg.trainer.micro_batch * trainer.plan.dp, seq_len=d.seq_len,
+               val_tokens=st.n_tokens, val_loss=st.loss, val_ppl=math.exp(min(st.loss, 700.0)))
+    if d.name == "mqar" and st.recall_total:
+        out["val_recall_acc"] = st.recall_correct / st.recall_total
     return out
 
 
@@ -146,6 +131,7 @@ def run_eval(cfg, opts, scratch: str) -> dict:
     cfg.trainer.tensorboard = False
     trainer = Trainer(cfg, scratch)  # engine (CP groups, model) of the training config; scratch run dir
     trainer.resume()
+    cfg = trainer.cfg  # model.vocab_size=auto resolved
     if trainer.last_ckpt is None:
         fail("launchers.eval", f"a checkpoint of this experiment under {cfg.trainer.out_dir}", "none",
              "train first, pass the same overrides as the training run, or trainer.resume=<path>")
@@ -153,10 +139,11 @@ def run_eval(cfg, opts, scratch: str) -> dict:
     forward = model_forward(engine)
     ckpt = os.path.abspath(trainer.last_ckpt)
     out_dir = opts.out or os.path.join(os.path.dirname(os.path.dirname(ckpt)), "eval", os.path.basename(ckpt))
-    val = validation(cfg, forward, engine, trainer.device, opts)
+    val = validation(trainer, opts)
 
     task_name = opts.task if opts.task != "auto" else ("mqar" if cfg.data.name == "mqar" else "passkey")
-    task = make_task(task_name, vocab_size=cfg.model.vocab_size, data_path=cfg.data.path, val_path=opts.val_path,
+    task = make_task(task_name, vocab_size=cfg.model.vocab_size, data_path=cfg.data.path,
+                     val_path=cfg.data.val_path,
                      tokenizer=opts.tokenizer, num_kv_pairs=cfg.data.num_kv_pairs,
                      mqar_vocab_size=cfg.data.vocab_size if cfg.data.name == "mqar" else None)
     plan, c = engine.plan, engine.coords

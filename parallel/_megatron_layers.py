@@ -26,7 +26,14 @@ megatron's grouped ``linear_qkv``):
 
 * softmax, per KV group g (Hkv groups of r = Hq/Hkv query heads):
   ``[q heads of g (r·D rows) | k_g (D) | v_g (D) | gate of g's query heads (r rows, if gated)]``;
-* linear, per head: ``[q_h (D) | k_h (D) | v_h (D) | gate_h (D)]``.
+* linear, per head: ``[q_h (D) | k_h (D) | v_h (D) | gate_h (D)]``;
+* gated linear (``G``), per head: ``[q_h (D) | k_h (D) | v_h (D) | gate_h (D) | a_h (1)]``;
+* Gated DeltaNet (``D``), per head: ``[q_h (Dk) | k_h (Dk) | v_h (Dv) | gate_h (Dv) | a_h (1) | b_h (1)]``.
+
+Per-head parameters of the ``G`` and ``D`` layers (``A_log``, ``dt_bias [H]`` and the ``D`` layer's
+convolution filters ``conv_weight [H, 2·Dk + Dv, K]``) are split over TP along heads like the projections:
+each rank owns the gates and the q/k/v conv channels of its H/T heads. They are marked tensor-parallel
+(counted once per rank in the gradient norm) and saved as TP shards along dim 0.
 """
 from __future__ import annotations
 
@@ -49,7 +56,7 @@ from dist_attn.context import CPContext  # noqa: E402
 from dist_attn.layout import position_ids  # noqa: E402
 from dist_attn.model.config import ModelConfig  # noqa: E402
 from dist_attn.model.layers import RMSNorm, decay_schedule  # noqa: E402
-from dist_attn.model.mixers import linear_mix, softmax_mix  # noqa: E402
+from dist_attn.model.mixers import delta_mix, linear_mix, mamba_gate, softmax_mix  # noqa: E402
 
 
 class MegatronRMSNorm(RMSNorm):
@@ -177,7 +184,100 @@ class LinearMixer(_Mixer):
         return self.linear_proj(o)
 
 
-MIXERS = {"L": LinearMixer, "F": SoftmaxMixer}
+class _HeadParams:
+    """Mixin: per-head parameters split over TP (dim 0), marked so, and saved as TP shards."""
+    TP_PARAMS: tuple = ()
+
+    def _head_param(self, name: str, *shape: int) -> None:
+        p = torch.nn.Parameter(torch.empty(*shape))  # values come from the HybridLM weights
+        tensor_parallel.set_tensor_model_parallel_attributes(p, True, 0, 1)
+        self.register_parameter(name, p)
+
+    def _norm_weight(self) -> torch.Tensor:
+        """The output norm's gain, replicated over TP: identity forward, all-reduce over TP backward."""
+        w = self.out_norm.weight
+        if self.tp_size == 1:
+            return w
+        return tensor_parallel.copy_to_tensor_model_parallel_region(w, group=self.tp_group)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                                     make_sharded_tensors_for_checkpoint)
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        own = {name: getattr(self, name) for name in self.TP_PARAMS}
+        out.update(make_sharded_tensors_for_checkpoint(own, prefix, {name: 0 for name in own}, sharded_offsets,
+                                                       tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]))
+        return out
+
+
+class GatedLinearMixer(_HeadParams, _Mixer):
+    """Gated linear attention (HybridLM's ``GatedLinearAttention``, ``G``) on megatron layouts.
+
+    ``[s, b, d] -> linear_qkvga -> q, k, v, gate [b, s, H/T, D], a [b, s, H/T]`` -> g = mamba_gate(a)
+    with this rank's ``A_log, dt_bias`` -> ``linear_mix`` (per-token gate, no fixed decay) -> ``linear_proj``.
+    """
+    TP_PARAMS = ("A_log", "dt_bias")
+
+    def __init__(self, config, model_cfg: ModelConfig, cp: CPContext, layer_number: int = 1,
+                 pg_collection=None, **_megatron_kwargs):
+        super().__init__(config, model_cfg, cp, layer_number, "G", pg_collection)
+        m = model_cfg
+        self.hd, self.h = m.lin_head_dim, m.lin_heads // self.tp_size
+        self.linear_qkvga = self._column(m.lin_heads * (4 * self.hd + 1))
+        self._head_param("A_log", self.h)
+        self._head_param("dt_bias", self.h)
+        self.out_norm = RMSNorm(self.hd, m.norm_eps)
+        self.linear_proj = self._row(m.lin_heads * self.hd)
+
+    def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, **_unused):
+        mixed, _ = self.linear_qkvga(hidden_states)                     # [s, b, H/T·(4D+1)]
+        s, b = mixed.shape[:2]
+        d = self.hd
+        mixed = mixed.transpose(0, 1).reshape(b, s, self.h, 4 * d + 1)  # [b, s, H/T, 4D+1]
+        q, k, v, gate, a = mixed.split([d, d, d, d, 1], dim=-1)
+        g = mamba_gate(a.squeeze(-1), self.A_log, self.dt_bias)         # [b, s, H/T] fp32
+        o = linear_mix(q.contiguous(), k.contiguous(), v.contiguous(), gate, decay=None, g=g,
+                       norm_weight=self._norm_weight(), eps=self.out_norm.eps, cp=self.cp, cu_seqlens=cu_seqlens)
+        o = o.transpose(0, 1).reshape(s, b, self.h * d)                 # [s, b, H/T·D]
+        return self.linear_proj(o)
+
+
+class DeltaMixer(_HeadParams, _Mixer):
+    """Gated DeltaNet (HybridLM's ``GatedDeltaNet``, ``D``) on megatron layouts.
+
+    ``[s, b, d] -> linear_qkvgab -> q, k [b, s, H/T, Dk], v, gate [b, s, H/T, Dv], a, b [b, s, H/T]`` ->
+    ``delta_mix`` with this rank's conv filters, ``A_log`` and ``dt_bias`` (conv + SiLU, L2 norms, beta,
+    gate, the delta rule through ``dispatch``, gated RMSNorm) -> ``[s, b, H/T·Dv] -> linear_proj``.
+    """
+    TP_PARAMS = ("conv_weight", "A_log", "dt_bias")
+
+    def __init__(self, config, model_cfg: ModelConfig, cp: CPContext, layer_number: int = 1,
+                 pg_collection=None, **_megatron_kwargs):
+        super().__init__(config, model_cfg, cp, layer_number, "D", pg_collection)
+        m = model_cfg
+        self.dk, self.dv, self.h = m.d_head_dim, m.d_v_head_dim, m.d_heads // self.tp_size
+        self.linear_qkvgab = self._column(m.d_heads * (2 * self.dk + 2 * self.dv + 2))
+        self._head_param("conv_weight", self.h, 2 * self.dk + self.dv, m.conv_size)
+        self._head_param("A_log", self.h)
+        self._head_param("dt_bias", self.h)
+        self.out_norm = RMSNorm(self.dv, m.norm_eps)
+        self.linear_proj = self._row(m.d_heads * self.dv)
+
+    def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, **_unused):
+        mixed, _ = self.linear_qkvgab(hidden_states)                    # [s, b, H/T·(2Dk+2Dv+2)]
+        s, b = mixed.shape[:2]
+        dk, dv = self.dk, self.dv
+        mixed = mixed.transpose(0, 1).reshape(b, s, self.h, -1)         # [b, s, H/T, 2Dk+2Dv+2]
+        q, k, v, gate, a, beta_logit = mixed.split([dk, dk, dv, dv, 1, 1], dim=-1)
+        o = delta_mix(q, k, v, a.squeeze(-1), beta_logit.squeeze(-1), gate, conv_weight=self.conv_weight,
+                      a_log=self.A_log, dt_bias=self.dt_bias, norm_weight=self._norm_weight(),
+                      eps=self.out_norm.eps, cp=self.cp, cu_seqlens=cu_seqlens)   # [b, s, H/T, Dv]
+        o = o.transpose(0, 1).reshape(s, b, self.h * dv)                # [s, b, H/T·Dv]
+        return self.linear_proj(o)
+
+
+MIXERS = {"L": LinearMixer, "G": GatedLinearMixer, "D": DeltaMixer, "F": SoftmaxMixer}
 
 
 def layer_spec(kind: str, model_cfg: ModelConfig, cp: CPContext) -> ModuleSpec:
@@ -234,6 +334,24 @@ def _fused_linear(sd: dict, p: str, m: ModelConfig) -> torch.Tensor:
     return torch.cat(parts, dim=1).reshape(-1, d)
 
 
+def _fused_gated(sd: dict, p: str, m: ModelConfig) -> torch.Tensor:
+    d, hd, h = m.d_model, m.lin_head_dim, m.lin_heads
+    parts = [sd[p + name + ".weight"].view(h, hd, d) for name in ("q_proj", "k_proj", "v_proj", "gate")]
+    return torch.cat(parts + [sd[p + "a_proj.weight"].view(h, 1, d)], dim=1).reshape(-1, d)
+
+
+def _fused_delta(sd: dict, p: str, m: ModelConfig) -> torch.Tensor:
+    d, h, dk, dv = m.d_model, m.d_heads, m.d_head_dim, m.d_v_head_dim
+    parts = [sd[p + name + ".weight"].view(h, n, d) for name, n in
+             (("q_proj", dk), ("k_proj", dk), ("v_proj", dv), ("gate", dv), ("a_proj", 1), ("b_proj", 1))]
+    return torch.cat(parts, dim=1).reshape(-1, d)
+
+
+FUSED = {"F": _fused_softmax, "L": _fused_linear, "G": _fused_gated, "D": _fused_delta}
+FUSED_NAME = {"F": "linear_qkvg", "L": "linear_qkvg", "G": "linear_qkvga", "D": "linear_qkvgab"}
+HEAD_PARAMS = {"G": ("A_log", "dt_bias"), "D": ("conv_weight", "A_log", "dt_bias")}
+
+
 def hybridlm_to_megatron_state_dict(hybrid_sd: dict, model_cfg: ModelConfig, *, tp_rank: int = 0,
                                     tp_size: int = 1, first_layer: int = 0, num_layers: int | None = None,
                                     pre_process: bool = True, post_process: bool = True,
@@ -254,12 +372,14 @@ def hybridlm_to_megatron_state_dict(hybrid_sd: dict, model_cfg: ModelConfig, *, 
         src, dst = f"blocks.{g}.", f"decoder.layers.{i}."
         mix = src + "mixer."
         kind = m.layer_types[g]
-        fused = _fused_softmax(hybrid_sd, mix, m) if kind == "F" else _fused_linear(hybrid_sd, mix, m)
+        fused = FUSED[kind](hybrid_sd, mix, m)
         out[dst + "input_layernorm.weight"] = hybrid_sd[src + "norm1.weight"]
-        out[dst + "self_attention.linear_qkvg.weight"] = _rows(fused, tp_rank, tp_size)
+        out[dst + f"self_attention.{FUSED_NAME[kind]}.weight"] = _rows(fused, tp_rank, tp_size)
         out[dst + "self_attention.linear_proj.weight"] = _cols(hybrid_sd[mix + "o_proj.weight"], tp_rank, tp_size)
-        if kind == "L":
+        if kind != "F":
             out[dst + "self_attention.out_norm.weight"] = hybrid_sd[mix + "out_norm.weight"]
+        for name in HEAD_PARAMS.get(kind, ()):  # per-head tensors: this rank's heads
+            out[dst + f"self_attention.{name}"] = _rows(hybrid_sd[mix + name], tp_rank, tp_size)
         out[dst + "pre_mlp_layernorm.weight"] = hybrid_sd[src + "norm2.weight"]
         # megatron's GLU fc1 holds [gate; up] per TP rank: silu(first half) * second half
         out[dst + "mlp.linear_fc1.weight"] = torch.cat([_rows(hybrid_sd[src + "mlp.gate.weight"], tp_rank, tp_size),

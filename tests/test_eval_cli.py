@@ -45,11 +45,11 @@ def _reference(state, cfg):
     from dist_attn.data import MQARDataset
     from dist_attn.eval import evaluate_recall, make_task
     from dist_attn.model import HybridLM
-    from launchers.eval import EVAL_SEED
+    from dist_attn.train.trainer import BatchSource
     model = HybridLM(cfg.model)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     d = cfg.data
-    ds = MQARDataset(vocab_size=d.vocab_size, seq_len=d.seq_len, num_kv_pairs=d.num_kv_pairs, seed=EVAL_SEED)
+    ds = MQARDataset(vocab_size=d.vocab_size, seq_len=d.seq_len, num_kv_pairs=d.num_kv_pairs, seed=BatchSource.VAL_SEED)
     loss, n = 0.0, 0
     with torch.no_grad():
         for step in range(2):
