@@ -138,7 +138,7 @@ def test_flops_per_token_convention():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(pattern="LLXF"), "pattern.*'F', 'L'"),
+    (dict(pattern="LLXF"), "pattern.*'D', 'F', 'G', 'L'"),
     (dict(pattern=""), "pattern"),
     (dict(d_model=60, head_dim=None, n_heads=8), "n_heads.*divisor of d_model=60"),
     (dict(n_kv_heads=3), "n_kv_heads.*divisor of n_heads=4"),

@@ -1,8 +1,13 @@
 """Configuration of the hybrid language model: one dataclass, validated, with a parameter and FLOP count.
 
-A hybrid stacks ``n_layers`` blocks; ``pattern`` names the sequence mixer of each block (``L`` linear
-attention, ``F`` full softmax attention) and is repeated / truncated to ``n_layers``: ``"LLLF"`` over 8
-layers is ``LLLFLLLF`` (3:1, as Kimi Linear; MiniMax-01 uses ``"LLLLLLLF"``).
+A hybrid stacks ``n_layers`` blocks; ``pattern`` names the sequence mixer of each block and is repeated /
+truncated to ``n_layers``: ``"LLLF"`` over 8 layers is ``LLLFLLLF``. Letters:
+
+* ``L`` linear attention with a fixed per-head decay (Lightning / MiniMax-01: ``"LLLLLLLF"``);
+* ``G`` gated linear attention: the same layer with a per-token, per-head log gate (Mamba2 / simple GLA);
+  it shares the ``linear_*`` sizes;
+* ``D`` Gated DeltaNet (Qwen3-Next: ``"DDDF"``), sizes ``delta_*``, short convolution ``conv_size``;
+* ``F`` full softmax attention.
 
     cfg = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, pattern="LLLF")
     cfg.layer_types        # "LLLF"
@@ -17,7 +22,10 @@ from typing import Optional
 
 from dist_attn.checks import fail
 
-LAYER_TYPES = {"L": "linear attention", "F": "full softmax attention"}
+LAYER_TYPES = {"L": "linear attention", "G": "gated linear attention", "D": "Gated DeltaNet",
+               "F": "full softmax attention"}
+LINEAR_FAMILY = "LGD"
+"""Layer types whose context parallelism is chosen by ``parallel.linear_cp`` (state passing or all-to-all)."""
 
 
 @dataclass
@@ -29,7 +37,8 @@ class ModelConfig:
     n_layers: int = 4
     """Number of blocks (each: sequence mixer + SwiGLU MLP, both pre-norm residual)."""
     pattern: str = "LLLF"
-    """Mixer per block, repeated/truncated to ``n_layers``: ``L`` linear attention, ``F`` softmax attention."""
+    """Mixer per block, repeated/truncated to ``n_layers``: ``L`` linear, ``G`` gated linear, ``D`` Gated
+    DeltaNet, ``F`` softmax attention."""
     n_heads: int = 4
     """Query heads Hq of the softmax (``F``) layers."""
     n_kv_heads: Optional[int] = None
@@ -40,6 +49,14 @@ class ModelConfig:
     """Heads H of the linear (``L``) layers. None: ``n_heads``."""
     linear_head_dim: Optional[int] = None
     """Head dim (Dk = Dv) of the linear layers (state Dk x Dv per head). None: ``d_model // linear_heads``."""
+    delta_heads: Optional[int] = None
+    """Heads H of the Gated DeltaNet (``D``) layers. None: ``linear_heads``."""
+    delta_head_dim: Optional[int] = None
+    """Key/query head dim Dk of the ``D`` layers (state Dk x Dv per head). None: ``d_model // delta_heads``."""
+    delta_v_head_dim: Optional[int] = None
+    """Value head dim Dv of the ``D`` layers (Qwen3-Next uses 2·Dk). None: ``delta_head_dim``."""
+    conv_size: int = 4
+    """Kernel size K of the ``D`` layers' causal depthwise convolution on q, k and v (1: a per-channel scale, no mixing)."""
     ffn_hidden: Optional[int] = None
     """SwiGLU hidden width. None: ``mlp_ratio * d_model`` rounded up to a multiple of 8."""
     mlp_ratio: float = 8 / 3
@@ -92,6 +109,18 @@ class ModelConfig:
         return self.d_model // self.lin_heads if self.linear_head_dim is None else self.linear_head_dim
 
     @property
+    def d_heads(self) -> int:
+        return self.lin_heads if self.delta_heads is None else self.delta_heads
+
+    @property
+    def d_head_dim(self) -> int:
+        return self.d_model // self.d_heads if self.delta_head_dim is None else self.delta_head_dim
+
+    @property
+    def d_v_head_dim(self) -> int:
+        return self.d_head_dim if self.delta_v_head_dim is None else self.delta_v_head_dim
+
+    @property
     def linear_qkv_std(self) -> float:
         return self.d_model ** -0.5 if self.linear_qkv_init_std is None else self.linear_qkv_init_std
 
@@ -108,15 +137,17 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 fail(f"ModelConfig.{name}", "a positive int", v, f"set {name} >= 1")
-        for name in ("n_kv_heads", "head_dim", "linear_heads", "linear_head_dim", "ffn_hidden"):
+        for name in ("n_kv_heads", "head_dim", "linear_heads", "linear_head_dim", "ffn_hidden", "delta_heads",
+                     "delta_head_dim", "delta_v_head_dim"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 fail(f"ModelConfig.{name}", "a positive int or None", v,
                      f"set {name} >= 1 or leave it None for the default")
         bad = sorted(set(self.pattern) - set(LAYER_TYPES))
         if not self.pattern or bad:
-            fail("ModelConfig.pattern", f"a non-empty string of {sorted(LAYER_TYPES)} (L linear, F full softmax)",
-                 repr(self.pattern), "write the mixer of each block, e.g. 'LLLF' for 3 linear : 1 full")
+            fail("ModelConfig.pattern", f"a non-empty string of {sorted(LAYER_TYPES)} (L linear, G gated linear, "
+                 "D Gated DeltaNet, F full softmax)", repr(self.pattern),
+                 "write the mixer of each block, e.g. 'LLLF' (3 linear : 1 full) or 'DDDF' (Qwen3-Next-like)")
         if self.head_dim is None and self.d_model % self.n_heads != 0:
             fail("ModelConfig.n_heads",
                  f"a divisor of d_model={self.d_model} (head_dim is derived as d_model // n_heads)",
@@ -130,6 +161,12 @@ class ModelConfig:
         if self.linear_head_dim is None and self.d_model % self.lin_heads != 0:
             fail("ModelConfig.linear_heads", f"a divisor of d_model={self.d_model}", self.lin_heads,
                  "choose linear_heads dividing d_model, or set linear_head_dim explicitly")
+        if "D" in self.layer_types and self.delta_head_dim is None and self.d_model % self.d_heads != 0:
+            fail("ModelConfig.delta_heads", f"a divisor of d_model={self.d_model}", self.d_heads,
+                 "choose delta_heads dividing d_model, or set delta_head_dim explicitly")
+        if not isinstance(self.conv_size, int) or isinstance(self.conv_size, bool) or self.conv_size < 1:
+            fail("ModelConfig.conv_size", "a positive int (the short convolution's kernel size)",
+                 self.conv_size, "use 4, as Gated DeltaNet and Mamba do")
         if not (0.0 < self.linear_decay_min <= self.linear_decay_max < 1.0):
             fail("ModelConfig.linear_decay_min/max", "0 < linear_decay_min <= linear_decay_max < 1",
                  (self.linear_decay_min, self.linear_decay_max),
@@ -144,8 +181,13 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- counting
     def mixer_params(self, kind: str) -> int:
-        """Parameters of one sequence mixer of type ``kind`` ("L" or "F")."""
+        """Parameters of one sequence mixer of type ``kind`` ("L", "G", "D" or "F")."""
         d = self.d_model
+        if kind == "D":  # q, k, v, output gate, a, b projections; conv on q|k|v; A_log, dt_bias; norm; o
+            h, dk, dv = self.d_heads, self.d_head_dim, self.d_v_head_dim
+            return d * h * (2 * dk + 2 * dv + 2) + h * (2 * dk + dv) * self.conv_size + 2 * h + dv + h * dv * d
+        if kind == "G":  # the L layer + the gate's projection a [d -> H] and A_log, dt_bias [H]
+            return self.mixer_params("L") + d * self.lin_heads + 2 * self.lin_heads
         if kind == "F":
             hq, hkv, hd = self.n_heads, self.kv_heads, self.softmax_head_dim
             gate = d * hq if self.gated_attention else 0
@@ -172,17 +214,24 @@ class ModelConfig:
           embedding table (a lookup), but with the V x d output head counted even when tied;
         * softmax layer forward per token: QK^T and PV cost 2·S·D each per head -> 4·S·D·Hq, halved
           for the causal mask (causal halving applied) -> 2·S·D·Hq;
-        * linear layer forward per token, chunked form with chunk C = min(linear_chunk, S): intra-chunk
-          (QK^T ⊙ M)V costs 4·C·D and the state read/update 4·D·D per head -> 4·H·D·(C + D).
+        * linear layer (``L``, ``G``) forward per token, chunked form with chunk C = min(linear_chunk, S):
+          intra-chunk (QK^T ⊙ M)V costs 4·C·D and the state read/update 4·D·D per head -> 4·H·D·(C + D);
+        * Gated DeltaNet layer (``D``) forward per token and head, chunked WY form: K K^T and Q K^T
+          (4·C·Dk), the triangular solve for the new values and their use (4·C·Dv), q S, K S and the state
+          update (6·Dk·Dv) -> H·(4·C·(Dk + Dv) + 6·Dk·Dv) (the short convolution's weights are in 6·N).
+          An estimate of the algorithm's work, not of a particular kernel's.
         """
         if seq_len <= 0:
             raise ValueError(f"flops_per_token: expected seq_len > 0, got {seq_len}. Fix: pass the global S.")
         n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.d_model)
         fwd_attn = 0.0
         for t in self.layer_types:
+            c = min(linear_chunk, seq_len)
             if t == "F":
                 fwd_attn += 0.5 * 4 * seq_len * self.softmax_head_dim * self.n_heads
+            elif t == "D":
+                h, dk, dv = self.d_heads, self.d_head_dim, self.d_v_head_dim
+                fwd_attn += h * (4 * c * (dk + dv) + 6 * dk * dv)
             else:
-                c = min(linear_chunk, seq_len)
                 fwd_attn += 4 * self.lin_heads * self.lin_head_dim * (c + self.lin_head_dim)
         return 6.0 * n + 3.0 * fwd_attn

@@ -1,4 +1,5 @@
-"""Building blocks of the hybrid model: RMSNorm, SwiGLU and the two sequence mixers' modules.
+"""Building blocks of the hybrid model: RMSNorm, SwiGLU and the sequence mixers' modules (``L``, ``G``,
+``D``, ``F``).
 
 The mixers' math lives in :mod:`dist_attn.model.mixers` (shared with the megatron engine's layers);
 the modules here own the full-width projections and the ``[B, S/P, d] <-> [B, S/P, H, D]`` reshapes.
@@ -22,10 +23,10 @@ import torch.nn.functional as F
 
 from dist_attn.context import CPContext
 from dist_attn.model.config import ModelConfig
-from dist_attn.model.mixers import apply_rope, linear_mix, rms_norm, softmax_mix
+from dist_attn.model.mixers import apply_rope, delta_mix, linear_mix, mamba_gate, rms_norm, softmax_mix
 
-__all__ = ["RMSNorm", "SwiGLU", "apply_rope", "SoftmaxAttention", "LinearAttention", "decay_schedule", "MIXERS",
-           "init_linear"]
+__all__ = ["RMSNorm", "SwiGLU", "apply_rope", "SoftmaxAttention", "LinearAttention", "GatedLinearAttention",
+           "GatedDeltaNet", "decay_schedule", "gate_init", "MIXERS", "init_linear"]
 
 
 class RMSNorm(nn.Module):
@@ -154,7 +155,106 @@ class LinearAttention(nn.Module):
         return self.o_proj(o.reshape(b, s, self.h * self.hd))
 
 
-MIXERS = {"L": LinearAttention, "F": SoftmaxAttention}
+def gate_init(n_heads: int, a_range=(1.0, 16.0), dt_range=(1e-3, 0.1), dt_floor: float = 1e-4):
+    """Initial ``(A_log, dt_bias)`` ``[H]`` of a Mamba2-style gate (:func:`~dist_attn.model.mixers.mamba_gate`),
+    from the global RNG: A ~ U(a_range), dt log-uniform in dt_range (floored), dt_bias = softplus^-1(dt),
+    so at init g = -A·dt: memories of ~1/(A·dt) tokens, spread over the heads (Mamba2's init)."""
+    a = torch.empty(n_heads).uniform_(*a_range)
+    lo, hi = math.log(dt_range[0]), math.log(dt_range[1])
+    dt = torch.exp(torch.rand(n_heads) * (hi - lo) + lo).clamp(min=dt_floor)
+    return torch.log(a), dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt) = dt + log(1 - e^-dt)
+
+
+class GatedLinearAttention(nn.Module):
+    """``G``: :class:`LinearAttention` with a per-token gate in place of the fixed decay (Mamba2 / simple GLA).
+
+    q, k, v, the output gate and the norm as in ``L``; the state decays by a data-dependent scalar per
+    head and token, S_t = exp(g_t) S_{t-1} + k_t^T v_t with g_t = -exp(A_log) · softplus(x_t Wa + dt_bias)
+    <= 0 (``mixers.mamba_gate``; ``a_proj [d -> H]``, ``A_log, dt_bias [H]`` trained). Under CP the gate
+    travels as LASP-2's per-token ``g`` (state passing) or with q/k/v through Ulysses' all-to-all.
+    """
+    token_mixing = True
+    cp_aware = True
+
+    def __init__(self, cfg: ModelConfig, cp: CPContext):
+        super().__init__()
+        self.cp = cp
+        self.h, self.hd = cfg.lin_heads, cfg.lin_head_dim
+        d, inner = cfg.d_model, cfg.lin_heads * cfg.lin_head_dim
+        self.q_proj = nn.Linear(d, inner, bias=False)
+        self.k_proj = nn.Linear(d, inner, bias=False)
+        self.v_proj = nn.Linear(d, inner, bias=False)
+        self.gate = nn.Linear(d, inner, bias=False)
+        self.a_proj = nn.Linear(d, self.h, bias=False)
+        a_log, dt_bias = gate_init(self.h)
+        self.A_log, self.dt_bias = nn.Parameter(a_log), nn.Parameter(dt_bias)
+        self.out_norm = RMSNorm(self.hd, cfg.norm_eps)
+        self.o_proj = nn.Linear(inner, d, bias=False)
+        self.o_proj.is_output_proj = True
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.init_std = cfg.linear_qkv_std
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        b, s, _ = x.shape
+        shape = (b, s, self.h, self.hd)
+        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        g = mamba_gate(self.a_proj(x), self.A_log, self.dt_bias)  # (B, S/P, H) fp32, <= 0
+        o = linear_mix(q, k, v, self.gate(x).view(shape), decay=None, g=g, norm_weight=self.out_norm.weight,
+                       eps=self.out_norm.eps, cp=self.cp, cu_seqlens=cu_seqlens)  # (B, S/P, H, D)
+        return self.o_proj(o.reshape(b, s, self.h * self.hd))
+
+
+class GatedDeltaNet(nn.Module):
+    """``D``: Gated DeltaNet (the delta rule with a Mamba2 gate; Qwen3-Next's linear layer).
+
+    ``x [B, S/P, d]`` -> q, k ``[B, S/P, H, Dk]``, v ``[B, S/P, H, Dv]``, a, b ``[B, S/P, H]``, output
+    gate ``[B, S/P, H, Dv]`` -> :func:`~dist_attn.model.mixers.delta_mix` (causal depthwise conv of
+    kernel K on q|k|v + SiLU, L2-normalised q and k, beta = sigmoid(b), g = -exp(A_log)·softplus(a +
+    dt_bias), the gated delta rule through ``dispatch``, RMSNorm(o) · silu(gate)) -> ``o_proj``.
+
+    Parameters: q/k/v/gate/a/b projections, ``conv_weight [H, 2·Dk + Dv, K]`` (per head the filters of
+    its q, k and v channels, so a TP slice of heads is a slice of this tensor), ``A_log``, ``dt_bias [H]``,
+    the output norm's gain ``[Dv]`` (shared by the heads), ``o_proj``. Init: q/k/v at d^-1/2 (the L2
+    norms and the output norm make the layer insensitive to their scale, as for ``L``), conv filters
+    U(±K^-1/2) (``nn.Conv1d``'s default for a depthwise filter), the gate as Mamba2 (:func:`gate_init`).
+    """
+    token_mixing = True
+    cp_aware = True
+
+    def __init__(self, cfg: ModelConfig, cp: CPContext):
+        super().__init__()
+        self.cp = cp
+        self.h, self.dk, self.dv, self.k_conv = cfg.d_heads, cfg.d_head_dim, cfg.d_v_head_dim, cfg.conv_size
+        d, h = cfg.d_model, self.h
+        self.q_proj = nn.Linear(d, h * self.dk, bias=False)
+        self.k_proj = nn.Linear(d, h * self.dk, bias=False)
+        self.v_proj = nn.Linear(d, h * self.dv, bias=False)
+        self.gate = nn.Linear(d, h * self.dv, bias=False)
+        self.a_proj = nn.Linear(d, h, bias=False)
+        self.b_proj = nn.Linear(d, h, bias=False)
+        bound = self.k_conv ** -0.5
+        self.conv_weight = nn.Parameter(torch.empty(h, 2 * self.dk + self.dv, self.k_conv).uniform_(-bound, bound))
+        a_log, dt_bias = gate_init(h)
+        self.A_log, self.dt_bias = nn.Parameter(a_log), nn.Parameter(dt_bias)
+        self.out_norm = RMSNorm(self.dv, cfg.norm_eps)
+        self.o_proj = nn.Linear(h * self.dv, d, bias=False)
+        self.o_proj.is_output_proj = True
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.init_std = cfg.linear_qkv_std
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.h
+        q, k = self.q_proj(x).view(b, s, h, self.dk), self.k_proj(x).view(b, s, h, self.dk)
+        v, gate = self.v_proj(x).view(b, s, h, self.dv), self.gate(x).view(b, s, h, self.dv)
+        o = delta_mix(q, k, v, self.a_proj(x), self.b_proj(x), gate,
+                      conv_weight=self.conv_weight, a_log=self.A_log,
+                      dt_bias=self.dt_bias, norm_weight=self.out_norm.weight, eps=self.out_norm.eps, cp=self.cp,
+                      cu_seqlens=cu_seqlens)  # (B, S/P, H, Dv)
+        return self.o_proj(o.reshape(b, s, h * self.dv))
+
+
+MIXERS = {"L": LinearAttention, "G": GatedLinearAttention, "D": GatedDeltaNet, "F": SoftmaxAttention}
 
 
 def init_linear(module: nn.Module, std: float, n_layers: int) -> None:

@@ -12,8 +12,23 @@ Mixers:
 * :func:`softmax_mix` -- causal GQA softmax attention with RoPE at the tokens' positions and an
   optional head-wise sigmoid output gate ``o_h * sigmoid(x w_h)`` (one scalar per head and token).
 * :func:`linear_mix` -- decayed linear attention: ``q = silu(x Wq)``, ``k = silu(x Wk)``, ``v = x Wv``;
-  ``S_t = exp(g_h) S_{t-1} + k_t^T v_t``, ``o_t = D^-1/2 q_t S_t``; RMSNorm over D per head; elementwise
-  sigmoid gate.
+  ``S_t = exp(decay_h + g_t) S_{t-1} + k_t^T v_t``, ``o_t = D^-1/2 q_t S_t``; RMSNorm over D per head;
+  elementwise sigmoid gate. ``L`` layers pass a fixed per-head ``decay``, ``G`` layers a per-token gate
+  ``g`` from :func:`mamba_gate`.
+* :func:`delta_mix` -- Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024; the layer of Qwen3-Next)::
+
+      q, k, v = silu(conv_K(x Wq | x Wk | x Wv))          causal depthwise conv, kernel K, per channel
+      q, k    = q / |q|, k / |k|                          L2 norm over Dk per head
+      beta    = sigmoid(x Wb),   g = mamba_gate(x Wa)      [B, S/P, H] each
+      S_t     = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = Dk^-1/2 q_t^T S_t
+      o       = RMSNorm_Dv(o) * silu(x Wo_gate)            per head, elementwise gate
+
+* :func:`mamba_gate` -- the per-token log gate of Mamba2 / Gated DeltaNet, ``g = -exp(A_log) ·
+  softplus(a + dt_bias) <= 0`` per head (a = x Wa), in fp32.
+
+Context parallelism: the convolution reaches the K-1 tokens before each chunk by a halo exchange
+(:func:`dist_attn.dispatch.short_conv`), the delta rule by state passing or by the all-to-all
+(:func:`dist_attn.dispatch.delta_attention`, chosen by ``parallel.linear_cp``).
 
 Packed documents: every mixer takes ``cu_seqlens`` (1-D int tensor of GLOBAL document offsets
 ``[0, e_1, ..., S]``, the same for every batch row, see ``notes/contracts.md``), passed to the
@@ -31,10 +46,14 @@ from dist_attn.context import CPContext
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * g over the last dim; statistics in fp32, result in the input dtype."""
-    xf = x.float()
+    """x / rms(x) * g over the last dim; statistics in fp32 (fp64 for fp64 inputs), result in the input dtype."""
+    xf = x.to(_acc(x))
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.to(xf.dtype)).to(x.dtype)
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
@@ -74,12 +93,56 @@ def softmax_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_i
     return o
 
 
-def linear_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, *, decay: torch.Tensor,
-               norm_weight: torch.Tensor, eps: float, cp: CPContext,
-               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """q/k/v/gate ``[B, S/P, H, D]`` (projections), ``decay [H]`` log-decay (fp32, <= 0), ``norm_weight [D]``
-    -> ``[B, S/P, H, D]``: silu feature maps, causal decayed linear attention through ``dispatch`` with
-    scale D^-1/2, RMSNorm over D per head, elementwise sigmoid gate."""
+def linear_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, *,
+               decay: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, cp: CPContext,
+               cu_seqlens: torch.Tensor | None = None, g: torch.Tensor | None = None) -> torch.Tensor:
+    """q/k/v/gate ``[B, S/P, H, D]`` (projections), ``decay [H]`` log-decay (fp32, <= 0) or None, ``g``
+    ``[B, S/P, H]`` per-token log gate (<= 0) or None, ``norm_weight [D]`` -> ``[B, S/P, H, D]``: silu
+    feature maps, causal gated linear attention through ``dispatch`` with scale D^-1/2, RMSNorm over D
+    per head, elementwise sigmoid gate."""
     q, k = F.silu(q), F.silu(k)
-    o = dispatch.linear_attention(q, k, v, cp=cp, decay=decay, scale=q.shape[-1] ** -0.5, **_docs(cu_seqlens))
+    extra = _docs(cu_seqlens) if g is None else {**_docs(cu_seqlens), "g": g}
+    o = dispatch.linear_attention(q, k, v, cp=cp, decay=decay, scale=q.shape[-1] ** -0.5, **extra)
     return rms_norm(o, norm_weight, eps) * torch.sigmoid(gate)
+
+
+def mamba_gate(a: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """``a [B, S/P, H]`` (the gate projection x Wa), ``a_log, dt_bias [H]`` -> fp32 log gate
+    ``g = -exp(A_log) · softplus(a + dt_bias)`` ``[B, S/P, H]`` (<= 0): the discretised decay exp(-A·dt)
+    of Mamba2 with a data-dependent step dt = softplus(a + dt_bias), one scalar per head and token."""
+    acc = _acc(a)  # fp32 (fp64 for fp64 inputs)
+    return -torch.exp(a_log.to(acc)) * F.softplus(a.to(acc) + dt_bias.to(acc))
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(|x|^2 + eps) over the last dim; statistics in fp32 (fp64 for fp64), result in the input dtype."""
+    xf = x.to(_acc(x))
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def delta_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              gate: torch.Tensor, *, conv_weight: torch.Tensor | None, a_log: torch.Tensor, dt_bias: torch.Tensor,
+              norm_weight: torch.Tensor, eps: float, cp: CPContext,
+              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Gated DeltaNet between the projections and the output projection (module docstring).
+
+    q, k ``[B, S/P, H, Dk]``, v and the output gate ``[B, S/P, H, Dv]``, a, b ``[B, S/P, H]``
+    (projections); ``conv_weight [H, 2·Dk + Dv, K]`` (per head: the q, k, v channels' filters; None
+    for no convolution), ``a_log, dt_bias [H]``, ``norm_weight [Dv]`` -> ``[B, S/P, H, Dv]``.
+    The three convolutions run as one on the per-head concatenation ``[q_h | k_h | v_h]`` (one halo
+    exchange under CP); a TP rank passes its heads' slice of every per-head tensor.
+    """
+    bsz, s, h, dk = q.shape
+    dv = v.shape[-1]
+    if conv_weight is None:
+        q, k, v = F.silu(q), F.silu(k), F.silu(v)
+    else:
+        x = torch.cat([q, k, v], dim=-1).reshape(bsz, s, h * (2 * dk + dv))  # channels (head, [q|k|v])
+        x = dispatch.short_conv(x, conv_weight.reshape(h * (2 * dk + dv), -1), cp=cp, activation="silu",
+                                **_docs(cu_seqlens))
+        q, k, v = x.view(bsz, s, h, 2 * dk + dv).split([dk, dk, dv], dim=-1)
+    q, k = l2_normalize(q), l2_normalize(k)
+    beta = torch.sigmoid(b)                                   # (B, S/P, H), in (0, 1)
+    g = mamba_gate(a, a_log, dt_bias)                         # (B, S/P, H) fp32, <= 0
+    o = dispatch.delta_attention(q, k, v.contiguous(), beta, g, cp=cp, scale=dk ** -0.5, **_docs(cu_seqlens))
+    return rms_norm(o, norm_weight, eps) * F.silu(gate)
