@@ -223,7 +223,8 @@ def test_small_grid_heuristic_choices():
     big = gpu_config("fwd", 128, bf, 8192, 2 * 16)  # 64 x 32 = 2048 programs: the default tiles
     assert big == gpu_config("fwd", 128, bf) and big["BLOCK_M"] == 128
     small = gpu_config("fwd", 128, bf, 1024, 16)  # a ring shard: 8 x 16 = 128 programs < 2 x 132
-    assert small["BLOCK_M"] == 64 and small["num_warps"] == 4
+    assert small["BLOCK_M"] == 64 and small["num_warps"] == 8  # D=128 forward: 4 warps spilled
+    assert gpu_config("fwd", 64, bf, 1024, 16)["num_warps"] == 4
     assert gpu_config("dq", 64, bf, 1024, 16)["BLOCK_M"] == 64
     assert gpu_config("dkdv", 128, bf, 1024, 4 * 4)["BLOCK_N"] == 64
     assert gpu_config("fwd", 128, bf, 1024, 16, sms=32)["BLOCK_M"] == 128  # a smaller GPU: two waves reached

@@ -8,7 +8,9 @@ CUDA tests compare, on CUDA tensors, against fp64 references computed on the CPU
 * flash attention (Triton) forward/backward: causal and full, offsets (ring blocks), GQA, D 64/96/128,
   bf16/fp16/fp32, a gradient into the LSE;
 * lightning attention (Triton) with decay and state in/out: out, final state and every gradient;
-* every CP strategy at P = 1 (an NCCL group of one process) through the dispatch kernels.
+* every CP strategy at P = 1 (an NCCL group of one process) through the dispatch kernels;
+* torch's flash ops behind ``sdpa_kernel`` (no fallback): full, diagonal, bottom-right causal blocks,
+  packed documents and windows as varlen segments, trailing keys, rows without keys; and ``auto``.
 """
 from __future__ import annotations
 
@@ -173,11 +175,28 @@ def test_cuda_strategies_at_p1_vs_fp64():
             dist.destroy_process_group()
 
 
+SDPA_CASES = [  # (id, Sq, Sk, causal, q_offset, k_offset, cu_seqlens, window): every one on the fast path
+    ("diag-causal", 517, 517, True, 0, 0, None, None),
+    ("full", 129, 700, False, 0, 0, None, None),
+    ("causal-bottom-right", 129, 300, True, 171, 0, None, None),
+    ("causal-trailing-keys-empty-rows", 100, 300, True, 0, 20, None, None),
+    ("docs-diag", 517, 517, True, 0, 0, (0, 1, 100, 100, 300, 517), None),
+    ("docs-window-diag", 517, 517, True, 0, 0, (0, 200, 517), 64),
+    ("window-diag", 300, 300, True, 0, 0, None, 17),
+    ("docs-allgather-chunk", 129, 700, True, 300, 0, (0, 50, 350, 700), None),
+    ("docs-full-empty-rows", 129, 200, False, 0, 400, (0, 100, 450, 700), None),
+    ("docs-all-visible", 64, 200, True, 300, 0, (0, 120, 330, 700), None),
+]
+
+
 @needs_cuda
 @pytest.mark.skipif(not CUDA, reason="torch's CUDA flash ops")
-@pytest.mark.parametrize("causal,sq,sk", [(True, 517, 517), (False, 129, 700)], ids=["diag-causal", "full"])
-def test_cuda_sdpa_fast_path_vs_fp64(causal, sq, sk):
-    """torch's flash ops behind the SoftmaxKernel contract (varlen form, GQA, LSE layout), no fallback."""
+@pytest.mark.parametrize("case", SDPA_CASES, ids=lambda c: c[0])
+def test_cuda_sdpa_fast_path_vs_fp64(case):
+    """torch's flash ops behind the SoftmaxKernel contract (varlen form, GQA, LSE layout), no fallback:
+    this checks the rule sdpa_kernel.py relies on (bottom-right causal/window per segment, +inf LSE and
+    zero output for rows without keys, zero dK/dV for keys without queries)."""
+    from dist_attn.kernels.flash_attn import softmax_kernel
     from dist_attn.kernels.flash_attn.naive import attention_ref
     from dist_attn.kernels.flash_attn.sdpa_kernel import sdpa_softmax_kernel
 
@@ -187,18 +206,24 @@ def test_cuda_sdpa_fast_path_vs_fp64(causal, sq, sk):
         def fwd(self, *a, **k):
             raise AssertionError("fallback used for a covered call")
         bwd = fwd
+    _, sq, sk, causal, qo, ko, cu, window = case
+    kw = dict(causal=causal, q_offset=qo, k_offset=ko, window_size=window,
+              cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV))
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(4)
     q, dout = (torch.randn(2, sq, 8, 128, generator=gen).to(dtype) for _ in range(2))
     k, v = (torch.randn(2, sk, 2, 128, generator=gen).to(dtype) for _ in range(2))
     ref = [t.double().requires_grad_(True) for t in (q, k, v)]
-    o_ref, l_ref = attention_ref(*ref, causal=causal)
+    o_ref, l_ref = attention_ref(*ref, **{**kw, "cu_seqlens": None if cu is None else torch.tensor(cu)})
     o_ref.backward(dout.double())
     kern = sdpa_softmax_kernel(fallback=Refuse())
     qd, kd, vd = q.to(DEV), k.to(DEV), v.to(DEV)
-    out, lse = kern.fwd(qd, kd, vd, causal=causal)
-    grads = kern.bwd(dout.to(DEV), qd, kd, vd, out, lse, causal=causal)
+    out, lse = kern.fwd(qd, kd, vd, **kw)
+    grads = kern.bwd(dout.to(DEV), qd, kd, vd, out, lse, **kw)
     assert_close("out", o_ref, out, dtype)
     assert_close("lse", l_ref, lse, dtype)
     for name, r, g in zip(("dq", "dk", "dv"), ref, grads):
         assert_close(name, r.grad, g, dtype)
+    auto_out, auto_lse = softmax_kernel("auto").fwd(qd, kd, vd, **kw)  # torch's op or ours, per the table
+    assert_close("auto out", o_ref, auto_out, dtype)
+    assert_close("auto lse", l_ref, auto_lse, dtype)

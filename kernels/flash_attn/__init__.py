@@ -8,12 +8,19 @@ row that sees no key gets out 0 and lse -inf, and zero (never NaN) gradients. Pa
 (``cu_seqlens``, global offsets) and a left window (``window_size``, causal only) restrict the keys of
 each row to one interval; key blocks outside every row's interval are skipped (:mod:`.masks`).
 
-Backends, picked per call by :func:`dist_attn.kernels.interface.resolve_backend`:
+Backends:
 
-* ``triton`` -- :mod:`.triton_kernel` (fp16/bf16/fp32), the GPU path; also runs on CPU under
+* ``triton`` -- :mod:`.triton_kernel` (fp16/bf16/fp32), our GPU kernel; also runs on CPU under
   ``TRITON_INTERPRET=1`` (tests only: far too slow to train with).
 * ``torch`` -- :mod:`.torch_kernel`, blockwise online softmax in plain torch (adds fp64), the CPU
   training path and the fp64 path of the strategy tests.
+* ``auto`` -- per call. CPU (and meta) tensors: ``torch``, exactly as before. CUDA tensors: torch's
+  FlashAttention-2 ops (:mod:`.sdpa_kernel`) for the cases they cover (fp16/bf16, full or causal
+  blocks ending where the query block ends, packed documents and windows as varlen segments, no
+  gradient into the LSE), chosen per case by the measured table
+  ``benchmarks/results/sdpa_select_<gpu>.json`` (written by ``python -m benchmarks.kernels`` on that
+  GPU; ``$DIST_ATTN_SDPA_SELECT`` names another file) and, without a table, torch's op; ``triton``
+  for everything else (fp32, other offsets, a gradient into the LSE).
 
 Triton is imported lazily, so the torch backend works where triton is absent.
 """
@@ -22,7 +29,7 @@ from __future__ import annotations
 from dist_attn.kernels.flash_attn import torch_kernel
 from dist_attn.kernels.interface import BACKENDS, SoftmaxKernel, resolve_backend
 
-__all__ = ["flash_attn", "softmax_kernel"]
+__all__ = ["flash_attn", "ours_kernel", "softmax_kernel"]
 
 
 def _impl(backend: str, device):
@@ -52,17 +59,30 @@ def _make(backend: str) -> SoftmaxKernel:
 _KERNELS: dict = {}
 
 
+def ours_kernel() -> SoftmaxKernel:
+    """Our own kernels only: Triton on CUDA, torch elsewhere (resolved per call); ``auto``'s fallback."""
+    if "ours" not in _KERNELS:
+        _KERNELS["ours"] = _make("auto")
+    return _KERNELS["ours"]
+
+
 def softmax_kernel(backend: str = "auto") -> SoftmaxKernel:
     """The :class:`~dist_attn.kernels.interface.SoftmaxKernel` for ``backend`` in {"auto", "triton", "torch"}.
 
-    ``fwd``/``bwd`` resolve the backend on every call from the tensors' device, so one object
-    serves CPU and GPU tensors alike. The kernel objects are cached (one per backend name).
+    ``fwd``/``bwd`` choose on every call from the tensors (device, dtype, offsets, mask), so one
+    object serves CPU and GPU tensors alike; ``auto`` as in the module docstring. The kernel objects
+    are cached (one per backend name).
     """
     if backend not in BACKENDS:
         raise ValueError(f"softmax_kernel: backend expected one of {BACKENDS}, got {backend!r}. "
                          f"Fix: pass backend='auto' (Triton on GPU, torch on CPU).")
     if backend not in _KERNELS:
-        _KERNELS[backend] = _make(backend)
+        if backend == "auto":
+            from dist_attn.kernels.flash_attn.sdpa_kernel import auto_select, sdpa_softmax_kernel
+            _KERNELS[backend] = sdpa_softmax_kernel(fallback=ours_kernel(), select=auto_select,
+                                                    name="flash_attn[auto]")
+        else:
+            _KERNELS[backend] = _make(backend)
     return _KERNELS[backend]
 
 
