@@ -115,6 +115,7 @@ class SoftmaxMixer(_Mixer):
     positions -> ``dispatch.softmax_attention`` (the configured CP strategy) -> head-wise gate
     ``o_h · sigmoid(x w_h)`` -> ``[s, b, Hq/T·D] -> linear_proj`` (row-parallel, sums over T).
     """
+    KIND = "F"  # pattern letter
 
     def __init__(self, config, model_cfg: ModelConfig, cp: CPContext, layer_number: int = 1,
                  pg_collection=None, **_megatron_kwargs):
@@ -154,6 +155,7 @@ class LinearMixer(_Mixer):
     rank: it enters the graph through megatron's ``copy_to_tensor_model_parallel_region`` (identity
     forward, all-reduce over T backward), which makes the replicas' gradients equal and complete.
     """
+    KIND = "L"  # pattern letter
 
     def __init__(self, config, model_cfg: ModelConfig, cp: CPContext, layer_number: int = 1,
                  pg_collection=None, **_megatron_kwargs):
@@ -217,6 +219,7 @@ class GatedLinearMixer(_HeadParams, _Mixer):
     ``[s, b, d] -> linear_qkvga -> q, k, v, gate [b, s, H/T, D], a [b, s, H/T]`` -> g = mamba_gate(a)
     with this rank's ``A_log, dt_bias`` -> ``linear_mix`` (per-token gate, no fixed decay) -> ``linear_proj``.
     """
+    KIND = "G"  # pattern letter
     TP_PARAMS = ("A_log", "dt_bias")
 
     def __init__(self, config, model_cfg: ModelConfig, cp: CPContext, layer_number: int = 1,
@@ -250,6 +253,7 @@ class DeltaMixer(_HeadParams, _Mixer):
     ``delta_mix`` with this rank's conv filters, ``A_log`` and ``dt_bias`` (conv + SiLU, L2 norms, beta,
     gate, the delta rule through ``dispatch``, gated RMSNorm) -> ``[s, b, H/T·Dv] -> linear_proj``.
     """
+    KIND = "D"  # pattern letter
     TP_PARAMS = ("conv_weight", "A_log", "dt_bias")
 
     def __init__(self, config, model_cfg: ModelConfig, cp: CPContext, layer_number: int = 1,

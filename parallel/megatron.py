@@ -206,8 +206,8 @@ class MegatronEngine:
         return self.groups.is_last_stage
 
     def layer_kinds(self) -> list:
-        """``[[(global layer index, "L" | "F"), ...] per chunk]`` as built on this rank."""
-        return [[(layer.layer_number - 1, "F" if type(layer.self_attention).__name__ == "SoftmaxMixer" else "L")
+        """``[[(global layer index, pattern letter "L" | "G" | "D" | "F"), ...] per chunk]`` as built on this rank."""
+        return [[(layer.layer_number - 1, type(layer.self_attention).KIND)
                  for layer in c.decoder.layers] for c in self.chunks]
 
     @torch.no_grad()

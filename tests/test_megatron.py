@@ -80,9 +80,18 @@ def _weights(backend) -> list:
 
 # ---------------------------------------------------------------------------- single process
 
+GATED = dict(pattern="DGDF")  # Gated DeltaNet + gated linear layers (TP splits their heads, conv and gates)
+
+
+def _ref_key(cfg_kw: dict):
+    return "gated" if cfg_kw.get("pattern") == GATED["pattern"] else cfg_kw.get("tie_embeddings", False)
+
+
 def _reference(rank, world):
-    """One process, untied and tied embeddings: {tie: _reference_run}."""
-    return {tie: _reference_run(dict(tie_embeddings=tie)) for tie in (False, True)}
+    """One process, untied and tied embeddings, and the gated pattern: {tie | "gated": _reference_run}."""
+    out = {tie: _reference_run(dict(tie_embeddings=tie)) for tie in (False, True)}
+    out["gated"] = _reference_run(GATED)
+    return out
 
 
 def _reference_run(cfg_kw):
@@ -113,7 +122,7 @@ def reference():
     return run_distributed(_reference, 1, timeout=300)[0]
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tie", [False, True, "gated"], ids=["untied", "tied", "gated"])
 def test_megatron_model_computes_hybridlm(reference, tie):
     r = reference[tie]
     assert_close("logits", torch.from_numpy(r["logits_ref"]), torch.from_numpy(r["logits_meg"]))
@@ -122,7 +131,7 @@ def test_megatron_model_computes_hybridlm(reference, tie):
     assert abs(first["loss"] - r["hybrid_loss"]) <= 1e-5 * r["hybrid_loss"], (first["loss"], r["hybrid_loss"])
     assert abs(first["grad_norm"] - r["hybrid_grad_norm"]) <= 1e-4 * r["hybrid_grad_norm"], \
         (first["grad_norm"], r["hybrid_grad_norm"])
-    assert [k for _, k in r["kinds"][0]] == list(_layer_types(tie))
+    assert [k for _, k in r["kinds"][0]] == list(_layer_types(tie) if tie != "gated" else _types(GATED))
     losses = [s["loss"] for s in r["steps"]]
     assert losses[-1] < losses[0], f"three steps at lr {SETTINGS['lr']} should lower the loss: {losses}"
 
@@ -130,6 +139,11 @@ def test_megatron_model_computes_hybridlm(reference, tie):
 def _layer_types(tie: bool) -> str:
     from dist_attn.model.config import ModelConfig
     return ModelConfig(**{**CFG, "tie_embeddings": tie}).layer_types
+
+
+def _types(cfg_kw: dict) -> str:
+    from dist_attn.model.config import ModelConfig
+    return ModelConfig(**{**CFG, **cfg_kw}).layer_types
 
 
 # ---------------------------------------------------------------------------- parallel layouts
@@ -169,6 +183,7 @@ CASES = [
     Case("pp2xcp2-usp", 4, dict(pp=2, cp=2, softmax_cp="usp", ulysses_degree=2)),
     # tied embeddings across stages (megatron all-reduces the two copies' gradients between stages)
     Case("pp2xcp2-ring-tied", 4, dict(pp=2, cp=2), model=dict(tie_embeddings=True)),
+    Case("tp2xcp2-gated-lasp2", 4, dict(tp=2, cp=2), model=GATED),
     Case("pp2xvpp2xcp2-ring-plainopt-resume", 4, dict(pp=2, vpp=2, cp=2), settings=dict(distributed_optimizer=False),
          resume=True),
 ]
@@ -177,14 +192,14 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_parallel_matches_single_process(reference, case):
     cfg_kw, resume, par_kw = case.model, case.resume, case.plan
-    ref = reference[cfg_kw.get("tie_embeddings", False)]["steps"]
+    ref = reference[_ref_key(cfg_kw)]["steps"]
     # The tied model is chaotic at this lr: its gradient norm grows 3x in two steps and the 4e-5 CP
     # rounding noise of step 0 becomes a 50% difference by step 2 (measured: the gradients of step 0
     # agree per parameter to 2e-4, the tied copies included). Compare its first two steps only.
     ref = ref[:2] if cfg_kw.get("tie_embeddings") else ref
     with tempfile.TemporaryDirectory() as tmp:
         results = run_distributed(_parallel, case.world, case, tmp if resume else None, timeout=420)
-    types = _layer_types(cfg_kw.get("tie_embeddings", False))
+    types = _types(cfg_kw)
     for r in results:
         # every rank reports the same (globally reduced) metrics
         assert [s["loss"] for s in r["steps"]] == [s["loss"] for s in results[0]["steps"]]

@@ -61,7 +61,8 @@ def _reference_and_nan(rank, world, out_dir):
     from dist_attn.train.checkpoint import is_complete
     from dist_attn.train.trainer import NonFiniteLossError, Trainer
     ref = _train_runs(rank, world, out_dir, [("ref", []), ("ref_accum", ["trainer.micro_batch=2",
-                                                                         "trainer.grad_accum=2"])])
+                                                                         "trainer.grad_accum=2"]),
+                                             ("ref_gdn", ["model=tiny_gdn"])])  # Gated DeltaNet: DDDF
     calls = {"n": 0}
     real = HybridLM.loss_sum
 
@@ -127,7 +128,13 @@ TWO_RANK_RUNS = [
     ("pp2", ["parallel=pipeline", "trainer.micro_batch=2", "trainer.grad_accum=2"], 1e-4),
     # the megatron-core backend against the DeepSpeed single-process reference: same data, same weights
     ("megatron_cp2", ["backend=megatron", "parallel.cp=2"], 1e-4),
+    # Gated DeltaNet hybrid (DDDF) against its own single-process reference (REFERENCE_OF): state passing
+    # (DeepSpeed, zigzag) and the all-to-all (megatron, contiguous)
+    ("cp2_gdn", ["model=tiny_gdn", "parallel.cp=2"], 1e-4),
+    ("megatron_cp2_gdn_ulysses", ["model=tiny_gdn", "backend=megatron", "parallel.cp=2", "parallel.linear_cp=ulysses",
+                                  "parallel.layout=contiguous"], 1e-4),
 ]
+REFERENCE_OF = {"cp2_gdn": "ref_gdn", "megatron_cp2_gdn_ulysses": "ref_gdn"}
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +146,10 @@ def two_rank(tmp_path_factory):
 
 @pytest.mark.parametrize("name,rtol", [(n, r) for n, _, r in TWO_RANK_RUNS], ids=[n for n, *_ in TWO_RANK_RUNS])
 def test_parallel_runs_match_the_single_process_reference(two_rank, reference, name, rtol):
-    _close(two_rank[name], reference["ref"], rtol)
+    ref = REFERENCE_OF.get(name, "ref")
+    _close(two_rank[name], reference[ref], rtol)
     if rtol < 1e-3:  # the same gradients: the same pre-clip norms
-        _close_grad_norms(two_rank[name + ":grad_norm"], reference["ref:grad_norm"])
+        _close_grad_norms(two_rank[name + ":grad_norm"], reference[ref + ":grad_norm"])
 
 
 FOUR_RANK_RUNS = [
