@@ -337,3 +337,15 @@ def test_select_table_nearest_length_and_auto_choice(tmp_path, monkeypatch, emul
     assert used == ["ours"]
     kern.fwd(q, k, v, causal=True, window_size=4)                        # window: no row, default sdpa
     assert used == ["ours"]
+
+
+def test_many_documents_cut_to_the_block_or_fall_back():
+    """A CPU cu_seqlens is cut to the documents meeting the block; a long device-resident one (here
+    a meta tensor stands for it) would make one segment per global document: fallback."""
+    q, k = _t(1, 64, 2, 32, BF), _t(1, 64, 1, 32, BF)
+    cu = torch.arange(0, 4097, 4)  # 1024 documents of 4 tokens over 4096 positions
+    kw = dict(causal=True, q_offset=1000, k_offset=1000, cpu="varlen")
+    assert fast_mode(q, k, cu_seqlens=cu, **kw) == FastPlan(True, None, True, 64)
+    cu_q, cu_k = cum_seqs(FastPlan(True, None, True, 64), 1, 64, 64, 1000, 1000, cu, torch.device("cpu"))
+    assert cu_q.numel() == 64 // 4 + 2 and torch.equal(cu_q, cu_k)
+    assert fast_mode(q, k, cu_seqlens=cu.to("meta"), **kw) is None

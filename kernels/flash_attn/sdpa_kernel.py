@@ -19,7 +19,10 @@ segment without queries. Then every document's query and key segments end togeth
 whenever k_offset + Sk >= E, and the varlen call is exact. Per batch row the segments are
     queries  clamp(cu, q_offset, E) - q_offset            (n entries, 0 .. Sq; then the empty trailer)
     keys     clamp(cu, k_offset, max(E, k_offset)) - k_offset   (.. then the trailing keys up to Sk)
-for cu = cu_seqlens (n entries), repeated over the batch with offsets b*Sq, b*Sk. max_seqlen_q/k,
+for cu = cu_seqlens (n entries; a CPU ``cu_seqlens`` is first cut to the documents that meet the
+block), repeated over the batch with offsets b*Sq, b*Sk. The op keeps per-segment buffers (about
+128 rows of fp32 dQ per segment and head), so a block with more than (Sq + Sk) / 128 + 16 segments
+per batch row goes to the fallback (a long device-resident ``cu_seqlens``). max_seqlen_q/k,
 which must be host ints, are the upper bounds Sq and Sk (the op sizes its grid by them; segments are
 shorter). A query segment with no visible key gets out 0 and lse +inf from FlashAttention: the lse
 is mapped to our -inf, and -inf back to +inf before the backward (exp(s - inf) = 0, no NaN).
@@ -112,11 +115,29 @@ def fast_mode(q, k, *, causal, q_offset, k_offset, cu_seqlens=None, window_size=
         if varlen and k_offset + sk >= end:  # bottom-right aligned; keys past the block: a trailing segment
             return FastPlan(True, segments=k_offset + sk > end, k_end=max(end, k_offset) - k_offset)
         return None
+    if cu_seqlens is not None and _block_docs(cu_seqlens, q_offset, k_offset, sq, sk).numel() - 1 > \
+            (sq + sk) // 128 + MAX_EXTRA_SEGMENTS:
+        return None  # too many segments per batch row: the op's per-segment buffers would dominate
     if all_visible and window_size is None:
         return FastPlan(False, segments=True, k_end=sk)
     if causal and k_offset + sk >= end:
         return FastPlan(True, window_size, segments=True, k_end=max(end, k_offset) - k_offset)
     return None
+
+
+MAX_EXTRA_SEGMENTS = 16
+
+
+def _block_docs(cu_seqlens, q_offset, k_offset, sq, sk):
+    """``cu_seqlens`` cut to the documents that meet the block's span [lo, hi) = [min(q_offset,
+    k_offset), max(q_offset + Sq, k_offset + Sk)) when it is on the CPU (free to read): [lo, the
+    boundaries strictly inside, hi] gives the same segments minus empty ones. A device tensor is
+    kept whole (reading it would be a host sync), so every global document is one segment."""
+    if cu_seqlens.device.type != "cpu":
+        return cu_seqlens
+    lo, hi = min(q_offset, k_offset), max(q_offset + sq, k_offset + sk)
+    c = cu_seqlens.to(torch.int64)
+    return torch.cat([c.new_tensor([lo]), c[(c > lo) & (c < hi)], c.new_tensor([hi])])
 
 
 def _packed(x):
@@ -134,7 +155,7 @@ def cum_seqs(plan: FastPlan, b: int, sq: int, sk: int, q_offset: int, k_offset: 
     if cu_seqlens is None:  # one document covering the block
         cu = torch.arange(2, dtype=torch.int64, device=device) * max(end, k_offset + sk)
     else:
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        cu = _block_docs(cu_seqlens, q_offset, k_offset, sq, sk).to(device=device, dtype=torch.int64)
     cq = cu.clamp(q_offset, end) - q_offset                      # [n]: 0 .. Sq
     ck = cu.clamp(k_offset, k_offset + plan.k_end) - k_offset    # [n]: 0 .. k_end (then keys up to Sk)
     rows = torch.arange(b, dtype=torch.int64, device=device)[:, None]
