@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 from dist_attn.checks import fail as _fail  # ValueError: "<where>: expected ..., got .... Fix: ..."
 from dist_attn.hardware import Phase, PhaseBuilder, detect_gpus_per_node, get_profile
@@ -87,6 +88,10 @@ class AttnShape:
     dtype_bytes: int = 2
     causal: bool = True
     layout: str = "zigzag"
+    cu_seqlens: Optional[tuple] = None
+    """Packed documents: global offsets ``(0, e_1, ..., seq_len)`` (softmax strategies; see ``_masked``)."""
+    window_size: Optional[int] = None
+    """Sliding window W (causal): a query sees keys p - W .. p."""
     v_head_dim: int = 0
     """Value head dim Dv of a Gated DeltaNet layer (delta_* strategies); 0: ``head_dim``."""
 
@@ -300,6 +305,53 @@ def _delta_ulysses(ph: PhaseBuilder, s: AttnShape, p: int, bwd: bool):
                ph.comm("all_to_all", per_tok * width, members), overlap=False)
 
 
+def _masked(phases: list, strategy: str, s: AttnShape, cp: int) -> list:
+    """Documents / window for a softmax strategy: the dense phases rescaled by what survives skipping
+    (:func:`dist_attn.documents.doc_cost`, the ring's own host plan, on the bottleneck rank).
+
+    * compute (every strategy): x f, f = max over ranks of visible pairs / max of the dense causal pairs
+      (the kernels skip invisible key tiles; tile-edge waste is not modelled);
+    * ring bytes and calls: x g, g = max over ranks of K/V blocks sent / (P-1) (skipped exchanges move
+      nothing; backward's dK/dV go back for the same blocks). All-gather / Ulysses / USP move all bytes
+      (g = 1): their masks are applied after the collective;
+    * time: f·compute + g·comm - min(f, g)·(what overlap hid in the dense phase), exact when f = g.
+    """
+    import dataclasses
+    from dist_attn.documents import doc_cost
+    dense = doc_cost(None, None, cp, s.layout, s.causal, seq_len=s.seq_len)
+    masked = doc_cost(s.cu_seqlens, s.window_size, cp, s.layout, s.causal, seq_len=s.seq_len)
+    f = max(masked["pairs"]) / max(max(dense["pairs"]), 1)
+    g = max(masked["ring_sends"]) / max(cp - 1, 1) if strategy == "zigzag_ring" else 1.0
+    out = []
+    for ph in phases:
+        hidden = ph.compute_s + ph.comm_s - ph.time_s
+        sent = {k: (int(round(v * g)) if k == "p2p" else v) for k, v in ph.sent.items()}
+        calls = {k: (int(round(v * g)) if k == "p2p" else v) for k, v in ph.calls.items()}
+        ring = g if strategy == "zigzag_ring" else 1.0
+        out.append(dataclasses.replace(
+            ph, flops=ph.flops * f, sent=sent, calls=calls, intra=ph.intra * ring, inter=ph.inter * ring,
+            compute_s=ph.compute_s * f, comm_s=ph.comm_s * g,
+            time_s=f * ph.compute_s + g * ph.comm_s - min(f, g) * hidden))
+    return out
+
+
+def choose_softmax_masked(shape: AttnShape, cp: int, *, gpus_per_node: int, profile="auto") -> tuple:
+    """``parallel.softmax_cp=auto`` with packed documents or a window: the valid softmax strategy with
+    the lowest predicted time on ``shape`` (its ``cu_seqlens`` / ``window_size``) -> ``(name,
+    ulysses_degree, reason)``, like :func:`choose_strategy`."""
+    hw = get_profile(profile)
+    ok, _ = candidates("softmax", shape, cp, gpus_per_node)
+    costs = sorted((strategy_cost(n, shape, cp, profile=hw, gpus_per_node=gpus_per_node, ulysses_degree=u)
+                    for n, u in ok), key=lambda c: c.time_s)
+    docs = 0 if shape.cu_seqlens is None else len(shape.cu_seqlens) - 1
+    ranking = " < ".join(f"{c.strategy}{f'(U={c.ulysses_degree})' if c.strategy == 'usp' else ''} "
+                         f"{1e3 * c.time_s:.3g} ms" for c in costs)
+    reason = (f"auto(softmax, N={shape.seq_len}, P={cp}, {docs} documents, window={shape.window_size}, "
+              f"{hw.name}): {costs[0].strategy} -- predicted fwd+bwd per layer {ranking}")
+    log.info(reason)
+    return costs[0].strategy, costs[0].ulysses_degree, reason
+
+
 def strategy_cost(strategy: str, shape: AttnShape, cp: int, *, profile="h100", gpus_per_node=None,
                   ulysses_degree=None) -> StrategyCost:
     """Predicted cost of ``strategy`` for one layer of ``shape`` on a CP group of ``cp`` ranks.
@@ -346,6 +398,8 @@ def strategy_cost(strategy: str, shape: AttnShape, cp: int, *, profile="h100", g
         else:
             _lasp(ph, shape, cp, bwd, chain=strategy == "lasp1")
         phases.append(ph.done())
+    if (shape.cu_seqlens is not None or shape.window_size is not None) and strategy not in LINEAR:
+        phases = _masked(phases, strategy, shape, cp)
     return StrategyCost(strategy, cp, u, gpn, *phases)
 
 

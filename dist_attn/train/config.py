@@ -319,8 +319,48 @@ def plan_for(cfg: TrainConfig, world_size: int) -> tuple[ParallelPlan, list[str]
     (:meth:`ParallelPlan.resolve_auto`; GPUs per node from torchrun's LOCAL_WORLD_SIZE), and the
     one-line reasons of the choices."""
     plan = ParallelPlan.from_config(cfg.parallel, world_size)
-    return plan.resolve_auto(cfg.model, seq_len=cfg.data.seq_len, batch=cfg.trainer.micro_batch,
-                             dtype_bytes=2 if cfg.backend.precision == "bf16" else 4)
+    dtype_bytes = 2 if cfg.backend.precision == "bf16" else 4
+    plan, why = _resolve_masked_softmax(cfg, plan, dtype_bytes)
+    plan, more = plan.resolve_auto(cfg.model, seq_len=cfg.data.seq_len, batch=cfg.trainer.micro_batch,
+                                   dtype_bytes=dtype_bytes)
+    return plan, why + more
+
+
+def representative_documents(cfg: TrainConfig) -> Optional[tuple]:
+    """The document offsets the cost model plans with for ``data.documents=true``: one packed row of
+    micro_batch rows of seq_len tokens, each row cut into documents of the token file's MEAN length
+    (meta num_tokens / num_documents; the last piece of a row shorter), a new document at every row
+    start as the packing does. None without documents (or without the meta's counts)."""
+    d = cfg.data
+    if not d.documents or not d.path:
+        return None
+    from dist_attn.data.memmap import read_meta
+    meta = read_meta(d.path) or {}
+    if not meta.get("num_documents") or not meta.get("num_tokens"):
+        return None
+    mean = max(1, round(meta["num_tokens"] / meta["num_documents"]))
+    s, offsets = d.seq_len, [0]
+    for row in range(cfg.trainer.micro_batch):
+        offsets += [row * s + k for k in range(mean, s, mean)] + [(row + 1) * s]
+    return tuple(offsets)
+
+
+def _resolve_masked_softmax(cfg: TrainConfig, plan: ParallelPlan, dtype_bytes: int) -> tuple:
+    """``parallel.softmax_cp=auto`` with packed documents or a window: the cost model ranks the softmax
+    strategies on the masked work and traffic (:func:`dist_attn.cost_model.choose_softmax_masked`;
+    the ring skips blocks and bytes, the others only work). Other cases: unchanged, no reason."""
+    m, w = cfg.model, getattr(cfg.model, "window_size", None)
+    cu = representative_documents(cfg)
+    if plan.softmax_cp != AUTO or plan.cp == 1 or "F" not in m.layer_types or (cu is None and w is None):
+        return plan, []
+    from dist_attn.cost_model import AttnShape, choose_softmax_masked
+    from dist_attn.hardware import detect_gpus_per_node, get_profile
+    n, b = (cu[-1], 1) if cu is not None else (cfg.data.seq_len, cfg.trainer.micro_batch)
+    shape = AttnShape(n, m.n_heads, m.kv_heads, m.softmax_head_dim, b, dtype_bytes, True, plan.layout,
+                      cu_seqlens=cu, window_size=w)
+    gpn = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or detect_gpus_per_node()[0] or get_profile("auto").gpus_per_node
+    name, u, why = choose_softmax_masked(shape, plan.cp, gpus_per_node=gpn)
+    return plan.replace(softmax_cp=name, ulysses_degree=u if name == "usp" else plan.ulysses_degree), [why]
 
 
 def validate(cfg: TrainConfig, world_size: int | None = None) -> ParallelPlan:
