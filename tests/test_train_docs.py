@@ -143,3 +143,27 @@ def test_parallel_documents_match_cp1(parallel, reference, name):
     assert sorted(got["val"]) == [2, 4]
     for step in (2, 4):
         assert got["val"][step] == pytest.approx(want["val"][step], rel=RTOL), (name, step)
+
+
+def test_cost_model_counts_only_surviving_work_and_ring_bytes():
+    """Window 256 over N=8192, P=4 zigzag: the ring still sends 2 of its 3 blocks (d = 1 and P-1), as
+    its host plan does; all-gather and Ulysses move every byte; every strategy's FLOPs shrink by the
+    bottleneck rank's visible pairs. Documents inside one zigzag chunk: the ring sends nothing."""
+    from dist_attn.cost_model import AttnShape, strategy_cost
+    from dist_attn.documents import doc_cost
+    n, p, kw = 8192, 4, dict(profile="h100", gpus_per_node=8)
+    dense = AttnShape(n, 8, 8, 64)
+    block = 2 * (n // p) * 8 * 64 * 2  # K and V of one rank, bf16
+    for shape in (AttnShape(n, 8, 8, 64, window_size=256), AttnShape(n, 8, 8, 64, cu_seqlens=tuple(range(0, n + 1, 512)))):
+        dc = doc_cost(shape.cu_seqlens, shape.window_size, p, "zigzag", seq_len=n, block_bytes=block)
+        ring = strategy_cost("zigzag_ring", shape, p, **kw)
+        assert ring.fwd.sent["p2p"] == max(dc["ring_bytes_fwd"])
+        frac = max(dc["pairs"]) / max(doc_cost(None, None, p, "zigzag", seq_len=n)["pairs"])
+        for name in ("zigzag_ring", "allgather", "ulysses"):
+            full, masked = strategy_cost(name, dense, p, **kw), strategy_cost(name, shape, p, **kw)
+            assert masked.fwd.flops == pytest.approx(full.fwd.flops * frac)
+            assert masked.time_s < full.time_s
+            if name != "zigzag_ring":
+                assert masked.fwd.sent == full.fwd.sent
+    assert strategy_cost("zigzag_ring", AttnShape(n, 8, 8, 64, window_size=256), p, **kw).fwd.sent["p2p"] == \
+        2 * block  # d = 1 and d = P-1
