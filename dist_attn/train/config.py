@@ -194,11 +194,16 @@ def to_train_config(cfg) -> TrainConfig:
 
 
 def resolve_vocab(cfg: TrainConfig) -> TrainConfig:
-    """``model.vocab_size=auto`` -> the vocabulary of the data: the token file's meta
+    """``data.path=builtin:NAME`` -> the token file of that built-in corpus (:mod:`dist_attn.data.builtin`),
+    and ``model.vocab_size=auto`` -> the vocabulary of the data: the token file's meta
     (:func:`dist_attn.data.memmap.vocab_size_from_meta`) for data=memmap, ``data.vocab_size`` for
     MQAR. Returns ``cfg`` itself when there is nothing to resolve, else a new config (local, no I/O
     beyond the meta file)."""
     import dataclasses
+    if cfg.data.path and str(cfg.data.path).startswith("builtin:"):  # data=pydocs: built on first use
+        from dist_attn.data.builtin import PREFIX, builtin_token_file
+        path = builtin_token_file(cfg.data.path[len(PREFIX):], cfg.trainer.out_dir)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
     m, d = cfg.model, cfg.data
     if m.vocab_size != AUTO:
         return cfg
