@@ -17,13 +17,16 @@
 #               tests/test_flash_attn.py and tests/test_lightning_attn.py with Triton on CUDA)
 #   b kernels   python -m benchmarks.kernels --preset gpu_check: flash fwd/bwd/fwd+bwd, causal and
 #               full, D 64/128, 2K-32K vs torch SDPA (flash, cuDNN, efficient backends), the flash-attn
-#               package if importable; lightning 2K-64K vs fla's chunk_simple_gla; highest priority
-#               first, so a budget cut loses the least important points
+#               package if importable; lightning 2K-64K vs fla's chunk_simple_gla; packed documents
+#               and windows (8K/16K: ours, torch's op through ours, SDPA with the boolean mask,
+#               FlexAttention; TFLOP/s on visible pairs); highest priority first, so a budget cut
+#               loses the least important points. Also writes sdpa_select_<gpu>.json, the measured
+#               table softmax_kernel("auto") reads (ours vs torch's flash op per case)
 #   c train     the ~1B hybrid (configs/model/1b.yaml) at 8K tokens on one GPU, default engine
 #               (DeepSpeed ZeRO-1 bf16): tokens/s and MFU, median over the measured steps
-# Everything lands in benchmarks/results/gpu_check_* (versions of device, driver, CUDA, torch, Triton in
-# gpu_check_env.json); when $OUT is set (the device machine's return folder) the results are also
-# copied there as one tarball plus the summary.
+# Everything lands in benchmarks/results/gpu_check_* and sdpa_select_<gpu>.json (versions of device,
+# driver, CUDA, torch, Triton in gpu_check_env.json); when $OUT is set (the device machine's return
+# folder) the results are also copied there as one tarball plus the summary and the select table.
 #
 # Packages needed beyond torch and Triton (the GPU image has the rest): hydra-core, omegaconf,
 # antlr4-python3-runtime, deepspeed, hjson, pydantic, pydantic-core, annotated-types, typing-inspection,
@@ -185,8 +188,9 @@ run_stage tests_more 40 100 "$PY" -m pytest -q -p no:cacheprovider -o addopts=""
 log "done: status $STATUS, $(($(date +%s) - START))s"
 echo "- total: $(($(date +%s) - START))s, status $STATUS" >> "$SUMMARY"
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    tar czf "$OUT/gpu_check_results.tar.gz" -C "$RES" $(cd "$RES" && ls gpu_check_* 2>/dev/null)
+    tar czf "$OUT/gpu_check_results.tar.gz" -C "$RES" $(cd "$RES" && ls gpu_check_* sdpa_select_*.json 2>/dev/null)
     cp "$SUMMARY" "$OUT/"
+    cp "$RES"/sdpa_select_*.json "$OUT/" 2>/dev/null
     cp "$RES"/gpu_check_kernels.md "$OUT/" 2>/dev/null
 fi
 cat "$SUMMARY"

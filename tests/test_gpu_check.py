@@ -227,3 +227,47 @@ def test_cuda_sdpa_fast_path_vs_fp64(case):
     auto_out, auto_lse = softmax_kernel("auto").fwd(qd, kd, vd, **kw)  # torch's op or ours, per the table
     assert_close("auto out", o_ref, auto_out, dtype)
     assert_close("auto lse", l_ref, auto_lse, dtype)
+
+
+# --- the kernel sweep's documents/window cases (CPU: the masks and the table logic) -----------------
+@pytest.mark.parametrize("mask", ["docs", "window"])
+def test_kernel_sweep_masked_ops_agree_and_count_visible_pairs(mask):
+    """benchmarks/kernels.py: ours, SDPA with the boolean mask and FlexAttention's block mask compute
+    the same attention for a docs/window point, and the FLOP count uses exactly the visible pairs."""
+    from benchmarks import kernels_masked as kb
+    from dist_attn.kernels.flash_attn.naive import document_mask
+    s = 96
+    spec = kb.mask_spec(mask, s)
+    cu = spec["cu_seqlens"]
+    assert cu[0] == 0 and cu[-1] == s and (cu[1:] > cu[:-1]).all()
+    assert kb.visible_pairs(s, spec) == int(document_mask(s, s, 0, 0, True, cu, spec["window_size"]).sum())
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, s, 2, 16, generator=gen) for _ in range(3))
+    outs = {}
+    for op in ("flash_attn", "sdpa", "flex"):
+        try:
+            layout, fn = kb.make_masked_op(op, spec, s, torch.device("cpu"))
+        except ImportError:
+            continue
+        args = (q, k, v) if layout == "bshd" else tuple(t.transpose(1, 2) for t in (q, k, v))
+        out = fn(*args, None)
+        outs[op] = out if layout == "bshd" else out.transpose(1, 2)
+    assert "flash_attn" in outs and "sdpa" in outs
+    for op, out in outs.items():
+        assert_close(f"{op} vs ours", outs["flash_attn"].double(), out, torch.float32)
+
+
+def test_kernel_sweep_select_table_rows():
+    from benchmarks import kernels as kb
+    from benchmarks.kernels_masked import select_rows
+    rows = [dict(op="flash_attn", mode="fwd+bwd", mask="docs", D=128, dtype="bfloat16", S=8192, ms=2.0),
+            dict(op="sdpa_kernel", mode="fwd+bwd", mask="docs", D=128, dtype="bfloat16", S=8192, ms=1.5),
+            dict(op="sdpa_kernel", mode="fwd", mask="docs", D=128, dtype="bfloat16", S=8192, ms=9.0),
+            dict(op="flash_attn", mode="fwd+bwd", mask="causal", D=64, dtype="bfloat16", S=2048, ms=1.0),
+            dict(op="sdpa_kernel", mode="fwd+bwd", mask="causal", D=64, dtype="bfloat16", S=2048, ms=None)]
+    assert select_rows(rows) == [dict(mask="docs", D=128, dtype="bfloat16", S=8192, winner="sdpa",
+                                         ms={"ours": 2.0, "sdpa": 1.5})]
+    pts = kb.gpu_check_points()
+    first_masked = next(i for i, p in enumerate(pts) if p[4] is not None)
+    assert pts[0] == ("flash_attn", 8192, 128, True, None) and first_masked > 10
+    assert {p[4] for p in pts} == {None, "docs", "window"} and all(len(p) == 5 for p in pts)
