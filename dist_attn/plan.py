@@ -24,6 +24,7 @@ times. So Hq % U == 0, and Hkv % U == 0 (Hkv >= U) or U % Hkv == 0 (Hkv < U).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -132,6 +133,9 @@ class ParallelPlan:
     ulysses_degree: int = 0
     """usp only: Ulysses degree U dividing cp (ring degree cp / U)."""
     kernel_backend: str = "auto"
+    sp: bool = False
+    """Megatron sequence parallelism over the TP group (needs tp > 1; from_config: on when tp > 1
+    unless ``parallel.sp=false``)."""
 
     def __post_init__(self):
         for name in ("cp", "pp", "tp"):
@@ -155,6 +159,9 @@ class ParallelPlan:
             fail("parallel.linear_cp", f"one of {LINEAR_STRATEGIES + (AUTO,)}", repr(self.linear_cp), "use lasp2")
         if self.kernel_backend not in KERNEL_BACKENDS:
             fail("parallel.kernel_backend", f"one of {KERNEL_BACKENDS}", repr(self.kernel_backend), "use auto")
+        if self.sp and self.tp < 2:
+            fail("parallel.sp", "false (or null) with parallel.tp=1: sequence parallelism shards over the TP "
+                 "ranks", self.sp, "set parallel.sp=false, or parallel.tp >= 2 with backend=megatron")
         if self.softmax_cp == "usp" and self.cp > 1:
             u = self.ulysses_degree
             if not isinstance(u, int) or u < 1 or self.cp % u != 0:
@@ -181,9 +188,10 @@ class ParallelPlan:
     def from_config(cls, parallel, world_size: int) -> "ParallelPlan":
         """From a ``parallel`` config section (:class:`dist_attn.train.config.ParallelConfig`)."""
         p = parallel
+        sp = getattr(p, "sp", None)  # None: sequence parallelism whenever there is tensor parallelism
         return cls.build(world_size, dp=p.dp, cp=p.cp, tp=p.tp, pp=p.pp, vpp=p.vpp, layout=p.layout,
                          softmax_cp=p.softmax_cp, linear_cp=p.linear_cp, ulysses_degree=p.ulysses_degree,
-                         kernel_backend=p.kernel_backend)
+                         kernel_backend=p.kernel_backend, sp=bool(p.tp > 1 if sp is None else sp))
 
     def replace(self, **changes) -> "ParallelPlan":
         """A new, re-validated plan with ``changes`` (the plan itself is never mutated)."""
@@ -250,6 +258,10 @@ class ParallelPlan:
         if seq_len % n != 0:
             fail(where, f"a multiple of {n} ({self.layout} layout over cp={self.cp})", seq_len,
                  f"round {where} to a multiple of {n}")
+        if self.sp and (seq_len // self.cp) % self.tp != 0:
+            fail(where, f"seq_len / cp divisible by tp={self.tp} (sequence parallelism splits each CP shard "
+                 f"over the TP ranks)", seq_len, f"round {where} to a multiple of {math.lcm(n, self.cp * self.tp)}"
+                 f" or set parallel.sp=false")
 
     def resolve_auto(self, model_cfg, *, seq_len: int, batch: int = 1, dtype_bytes: int = 2,
                      gpus_per_node: Optional[int] = None) -> tuple["ParallelPlan", list[str]]:
@@ -285,6 +297,7 @@ class ParallelPlan:
     def describe(self) -> str:
         """One line for logs."""
         vpp = f" vpp={self.vpp}" if self.virtual > 1 else ""
+        vpp += " sp" if self.sp else ""
         usp = f" (U={self.ulysses_degree})" if self.usp_degree else ""
         return (f"world={self.world_size} = dp={self.dp} x tp={self.tp} x cp={self.cp} x pp={self.pp}{vpp} | "
                 f"softmax={self.softmax_cp}{usp} linear={self.linear_cp} layout={self.layout}")

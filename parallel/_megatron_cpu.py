@@ -25,7 +25,13 @@ restores everything on exit:
    fp32 main parameters by switching on ``param.type() == 'torch.cuda.FloatTensor'`` and raises
    TypeError on anything else (``optimizer/optimizer.py``, ``optimizer/distrib_optimizer.py``).
 
-Not patched, because the adapter avoids the paths: ``tensor_parallel.random``'s CUDA RNG tracker
+5. ``tensor_parallel.random._get_cuda_rng_state`` returns an empty tensor and
+   ``_set_cuda_rng_state`` does nothing: megatron's activation recompute (``tensor_parallel.checkpoint``,
+   ``CheckpointWithoutOutput``; ``trainer.recompute``) saves and restores the CUDA RNG state around
+   every recomputed piece, which a CPU build of torch has not got. The CPU RNG state is still saved
+   and restored, and the tracker's (empty on CPU) states too.
+
+Not patched, because the adapter avoids the paths: the CUDA RNG tracker's seeding
 (the adapter never calls ``model_parallel_cuda_manual_seed`` on CPU, builds without megatron's
 initialisation and uses no dropout, see ``init_megatron``), CUDA streams (only with
 ``num_distributed_optimizer_instances > 1`` or overlapped communication, both off), fused kernels
@@ -81,6 +87,10 @@ def _noop(*_args, **_kwargs):
     return None
 
 
+def _no_cuda_rng_state(*_args, **_kwargs):
+    return torch.empty(0, dtype=torch.uint8)
+
+
 @contextlib.contextmanager
 def megatron_device_shim():
     """Run megatron-core code on the CPU (see the module docstring); nothing happens with CUDA.
@@ -93,10 +103,13 @@ def megatron_device_shim():
     global _depth
     with _lock:
         if _depth == 0:
+            from megatron.core.tensor_parallel import random as mrandom
             _saved["current_device"] = torch.cuda.current_device
             _saved["synchronize"] = torch.cuda.synchronize
+            _saved["rng"] = (mrandom, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
             torch.cuda.current_device = _cpu_current_device
             torch.cuda.synchronize = _noop
+            mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = _no_cuda_rng_state, _noop
         _depth += 1
     try:
         with _CudaToCpu():
@@ -107,3 +120,5 @@ def megatron_device_shim():
             if _depth == 0:
                 torch.cuda.current_device = _saved.pop("current_device")
                 torch.cuda.synchronize = _saved.pop("synchronize")
+                mrandom, get_state, set_state = _saved.pop("rng")
+                mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = get_state, set_state

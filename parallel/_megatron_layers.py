@@ -64,6 +64,9 @@ class MegatronRMSNorm(RMSNorm):
 
     def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6):
         super().__init__(hidden_size, eps)
+        # sequence parallelism: each TP rank normalises S/(P·T) tokens, so the gain's gradient is
+        # partial per rank; megatron's finalize_model_grads all-reduces params tagged like this over TP
+        self.weight.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
 
 
 def _tp(pg_collection) -> tuple[int, int]:
@@ -130,8 +133,8 @@ class SoftmaxMixer(_Mixer):
         self.linear_proj = self._row(m.n_heads * self.hd)
 
     def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, **_unused):
-        s, b, _ = hidden_states.shape
-        mixed, _ = self.linear_qkvg(hidden_states)       # [s, b, G·per_group]
+        mixed, _ = self.linear_qkvg(hidden_states)       # [s, b, G·per_group] (SP: gathered over TP)
+        s, b = mixed.shape[:2]
         mixed = mixed.view(s, b, self.groups, -1)
         sizes = [self.r * self.hd, self.hd, self.hd] + ([self.r] if self.gated else [])
         parts = torch.split(mixed, sizes, dim=-1)
@@ -176,8 +179,8 @@ class LinearMixer(_Mixer):
         return tensor_parallel.copy_to_tensor_model_parallel_region(w, group=self.tp_group)
 
     def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, **_unused):
-        s, b, _ = hidden_states.shape
-        mixed, _ = self.linear_qkvg(hidden_states)                      # [s, b, H/T·4D]
+        mixed, _ = self.linear_qkvg(hidden_states)                      # [s, b, H/T·4D] (SP: gathered)
+        s, b = mixed.shape[:2]
         q, k, v, g = (t.transpose(0, 1) for t in mixed.view(s, b, self.h, 4 * self.hd).split(self.hd, dim=-1))
         # [b, s, H/T, D] each; the output norm's gain is the TP-reduced one (see the class docstring)
         o = linear_mix(q.contiguous(), k.contiguous(), v.contiguous(), g, decay=self.log_decay.float(),

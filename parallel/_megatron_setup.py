@@ -48,13 +48,40 @@ class MegatronTrainSettings:
     """fp32 | bf16 (bf16 weights and activations, fp32 main weights and gradients)."""
     distributed_optimizer: bool = True
     """Shard the optimizer state over DP x CP (megatron's distributed optimizer)."""
+    recompute: str = "none"
+    """none | selective | full: megatron's activation recompute, see :data:`RECOMPUTE_OPTIONS`."""
+    loss_chunk: int = 0
+    """0 | N: vocab-parallel cross entropy over chunks of N local tokens (see MegatronEngine._loss)."""
 
     @classmethod
     def from_train_config(cls, cfg) -> "MegatronTrainSettings":
         t, b = cfg.trainer, cfg.backend
         return cls(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, steps=t.steps,
                    weight_decay=t.weight_decay, betas=tuple(t.betas), grad_clip=b.grad_clip,
-                   precision=b.precision, distributed_optimizer=b.distributed_optimizer)
+                   precision=b.precision, distributed_optimizer=b.distributed_optimizer,
+                   recompute=getattr(t, "recompute", "none"), loss_chunk=getattr(t, "loss_chunk", 0))
+
+
+# trainer.recompute -> megatron-core 0.16 TransformerConfig options. megatron's selective default,
+# "core_attn", recomputes its own core attention, which this project's mixers replace (the layer's
+# self_attention slot holds them whole): our selective is megatron's "mlp" (the SwiGLU MLP with its
+# fc1 output and activation, recomputed from the pre-MLP norm's output), the bulk of what HybridLM's
+# selective mode recomputes. Its "layernorm" module (the two pre-norms' outputs dropped and rebuilt)
+# is added only with TransformerEngine: in 0.16.1 ``CheckpointWithoutOutput()`` sets
+# ``fp8 = (fp8 is not None)``, always True, and then reads TransformerEngine's FP8 state, a NameError
+# without it. full: every layer (uniform, 1 layer per unit) keeps its input only and runs again in
+# backward, CP communication included (all CP ranks run the same schedule, so collectives match).
+def _have_te() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+RECOMPUTE_OPTIONS = {
+    "none": {},
+    "selective": dict(recompute_granularity="selective",
+                      recompute_modules=["layernorm", "mlp"] if _have_te() else ["mlp"]),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
 
 
 def validate_megatron(model_cfg: Optional[ModelConfig], plan: ParallelPlan) -> int:
@@ -135,8 +162,9 @@ def init_megatron(plan: ParallelPlan, model_cfg: Optional[ModelConfig] = None, s
     Re-initialising (a new ``plan`` in the same processes) destroys megatron's previous groups.
     Seeding: ``torch.manual_seed(seed)`` on every rank (the HybridLM init that the model loads is
     drawn from it); on GPU also megatron's ``model_parallel_cuda_manual_seed`` (its CUDA RNG tracker,
-    used by megatron's dropout and activation recompute). On CPU the tracker is not created (it
-    needs CUDA RNG states); nothing in this backend draws from it (no dropout, no recompute).
+    used by megatron's dropout and activation recompute). On CPU the tracker gets empty named states
+    (it needs CUDA RNG states; nothing in this backend draws from it: no dropout), and megatron's
+    recompute saves and restores only the CPU RNG state there (see ``_megatron_cpu``).
     """
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if plan.world_size != world:
@@ -171,13 +199,24 @@ def init_megatron(plan: ParallelPlan, model_cfg: Optional[ModelConfig] = None, s
         torch.manual_seed(seed)
         if torch.cuda.is_available():
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        else:
+            # the tracker's named states, empty: sequence parallelism forks the model-parallel state
+            # around the (zero-probability) embedding dropout; the shim makes CUDA RNG get/set no-ops
+            from megatron.core.tensor_parallel import random as mrandom
+            mrandom.get_cuda_rng_tracker().set_states({name: torch.empty(0, dtype=torch.uint8) for name in (
+                mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, mrandom._DATA_PARALLEL_RNG_TRACKER_NAME,
+                mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME)})
     return g
 
 # ---------------------------------------------------------------------------- model
 
-def transformer_config(model_cfg: ModelConfig, plan: ParallelPlan, precision: str = "fp32") -> TransformerConfig:
-    """Megatron's config for the parts it runs (sizes, SwiGLU, no bias, no dropout, per-token loss)."""
+def transformer_config(model_cfg: ModelConfig, plan: ParallelPlan, precision: str = "fp32",
+                       recompute: str = "none") -> TransformerConfig:
+    """Megatron's config for the parts it runs (sizes, SwiGLU, no bias, no dropout, per-token loss),
+    sequence parallelism from ``plan.sp`` and activation recompute (:data:`RECOMPUTE_OPTIONS`)."""
     m, cuda, par = model_cfg, torch.cuda.is_available(), plan
+    if recompute not in RECOMPUTE_OPTIONS:
+        fail("trainer.recompute", f"one of {tuple(RECOMPUTE_OPTIONS)}", repr(recompute), "use none, selective or full")
     bf16 = precision == "bf16"
     return TransformerConfig(
         num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
@@ -188,7 +227,8 @@ def transformer_config(model_cfg: ModelConfig, plan: ParallelPlan, precision: st
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
         tensor_model_parallel_size=par.tp, pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.vpp if par.virtual > 1 else None,
-        context_parallel_size=par.cp, cp_comm_type=None, sequence_parallel=False,
+        context_parallel_size=par.cp, cp_comm_type=None, sequence_parallel=getattr(par, "sp", False),
+        **RECOMPUTE_OPTIONS[recompute],
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         calculate_per_token_loss=True, use_cpu_initialization=not cuda,
@@ -229,7 +269,8 @@ def load_hybridlm_weights(chunks: list, hybrid_sd: dict, model_cfg: ModelConfig)
         m.load_state_dict(sd, strict=False)
 
 def build_megatron_model(model_cfg: ModelConfig, groups: MegatronGroups, *, precision: str = "fp32",
-                         hybrid_state_dict: dict | None = None, seed: int | None = None) -> list:
+                         hybrid_state_dict: dict | None = None, seed: int | None = None,
+                         recompute: str = "none") -> list:
     """This rank's model chunks: one ``GPTModel`` per virtual stage (one without interleaving).
 
     Weights: ``hybrid_state_dict`` (a HybridLM state dict), else ``HybridLM(model_cfg)`` built under
@@ -240,7 +281,7 @@ def build_megatron_model(model_cfg: ModelConfig, groups: MegatronGroups, *, prec
     par = groups.plan
     model_cfg.validate()
     validate_megatron(model_cfg, par)  # local: raises on every rank alike
-    config = transformer_config(model_cfg, par, precision)
+    config = transformer_config(model_cfg, par, precision, recompute)
     chunks = []
     with megatron_device_shim():
         for vp in range(par.virtual):
@@ -267,3 +308,63 @@ def build_megatron_model(model_cfg: ModelConfig, groups: MegatronGroups, *, prec
             if precision == "bf16":
                 c.bfloat16()
     return chunks
+
+
+# ---------------------------------------------------------------------------- chunked loss (trainer.loss_chunk)
+
+def _hidden_or_logits(layer, input_, weight=None, runtime_gather_output=None, **kwargs):
+    """The output layer's forward while ``layer.dist_attn_hidden`` is set: no projection; the hidden
+    states ``[s, b, d]`` as the projection would have read them (gathered along the sequence under
+    sequence parallelism -- backward: reduce-scatter --, else entering the TP region -- backward:
+    all-reduce of the partial d(hidden) of the T vocabulary slices). The weight is kept for the loss."""
+    if not getattr(layer, "dist_attn_hidden", False):
+        return type(layer).forward(layer, input_, weight=weight, runtime_gather_output=runtime_gather_output,
+                                   **kwargs)
+    layer.dist_attn_weight = weight if weight is not None else layer.weight  # [V/T, d]
+    group = layer.tp_group
+    if layer.sequence_parallel:
+        return tensor_parallel.gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True,
+                                                                    group=group), None
+    return _ContiguousGrad.apply(tensor_parallel.copy_to_tensor_model_parallel_region(input_, group=group)), None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: megatron 0.16.1's all-reduce behind
+    ``copy_to_tensor_model_parallel_region`` reduces ``grad.contiguous()`` and returns ``grad``, i.e.
+    drops the reduction of a non-contiguous gradient (here: from the loss's ``[b, s, d]`` view)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def hidden_output_layers(chunks: list) -> list:
+    """Make the output layer of every chunk holding one (the last pipeline stage) able to hand the
+    hidden states to a chunked loss instead of logits (set ``layer.dist_attn_hidden = True``);
+    returns those layers. Weights and state dict keys are untouched."""
+    import types
+    layers = []
+    for chunk in chunks:
+        m = _unwrap(chunk)
+        if m.post_process:
+            m.output_layer.forward = types.MethodType(_hidden_or_logits, m.output_layer)
+            m.output_layer.dist_attn_hidden = False
+            layers.append(m.output_layer)
+    return layers
+
+
+def vocab_parallel_chunk_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, *,
+                            tp_group):
+    """One chunk of ``n`` tokens: vocab-parallel logits ``[n, V/T]`` -> (summed CE over the labelled
+    tokens, greedy hits); megatron's vocab-parallel cross entropy (log-sum-exp over the T slices)."""
+    from dist_attn.parallel.megatron import _vocab_parallel_argmax
+    logits = torch.nn.functional.linear(h, weight).float()
+    mask = labels != ignore_index
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.clamp(min=0))
+    with torch.no_grad():
+        hits = ((_vocab_parallel_argmax(logits, tp_group) == labels) & mask).sum()
+    return (per_token * mask).sum(), hits

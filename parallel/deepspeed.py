@@ -175,6 +175,10 @@ class DeepSpeedEngine:
         if plan.tp > 1:
             fail("parallel.tp", "1 with backend=deepspeed (tensor parallelism is the megatron backend's)", plan.tp,
                  "use backend=megatron for tensor parallelism, or parallel.tp=1")
+        if getattr(cfg.trainer, "loss_chunk", 0) and b.zero_stage == 3:
+            fail("trainer.loss_chunk", "0 with backend.zero_stage=3 (the chunked loss reads the output weight "
+                 "outside the head module's forward, where ZeRO-3 has not gathered it)", cfg.trainer.loss_chunk,
+                 "use backend.zero_stage <= 2, or trainer.loss_chunk=0")
         if plan.vpp is not None:
             fail("parallel.vpp", "null with backend=deepspeed (interleaved 1F1B is the megatron backend's)",
                  plan.vpp, "set parallel.vpp=null, or use backend=megatron with pipeline stages")
@@ -201,7 +205,9 @@ class DeepSpeedEngine:
         g = build_groups(plan)
         cp = CPContext.from_plan(plan, g.cp_group, g.ulysses_group, g.ring_group)
         torch.manual_seed(cfg.trainer.seed)
-        return cls(HybridLM(cfg.model, cp).to(device), cfg, g)
+        t = cfg.trainer  # activation recomputation per block (dist_attn.model.hybrid, "Memory")
+        model = HybridLM(cfg.model, cp).set_memory(getattr(t, "recompute", "none"), getattr(t, "offload", False))
+        return cls(model.to(device), cfg, g)
 
     # ------------------------------------------------------------------ construction
     def __init__(self, model, cfg, groups):
@@ -217,9 +223,11 @@ class DeepSpeedEngine:
         self._norm_hook = b.zero_stage == 0 and b.precision == "fp32"
         self._loss_fn: Callable | None = None
         t = cfg.trainer
+        # trainer.loss_chunk: the last stage hands the normed hidden states to a chunked loss
+        self._model, self._chunk = model, getattr(t, "loss_chunk", 0)
         if self.pipeline:
             topo = PipeDataParallelTopology(num_pp=plan.pp, num_dp=plan.dp * plan.cp)
-            module = PipelineModule(layers=model.pipeline_layers(), topology=topo,
+            module = PipelineModule(layers=model.pipeline_layers(return_hidden=self._chunk > 0), topology=topo,
                                     loss_fn=self._pipe_loss, partition_method="parameters")
             mpu = None
             self.grad_divisor = plan.dp * plan.cp
@@ -277,10 +285,15 @@ class DeepSpeedEngine:
     def _loss_fn_for(self, scale: float, stats: torch.Tensor) -> Callable:
         """``loss_fn(logits, labels)``: this shard's summed CE times ``scale``; accumulates
         (loss_sum, n_tokens, recall hits, recall total) into ``stats``."""
-        def loss_fn(logits, labels):
-            loss_sum, n_tok = HybridLM.loss_sum(logits, labels)
+        def loss_fn(logits, labels):  # logits: the normed hidden states under trainer.loss_chunk
+            if self._chunk:
+                loss_sum, n_tok, correct = self._model.loss_chunked(logits, labels, self._chunk)
+                total = n_tok
+            else:
+                loss_sum, n_tok = HybridLM.loss_sum(logits, labels)
+                with torch.no_grad():
+                    correct, total = recall_accuracy(logits, labels)
             with torch.no_grad():
-                correct, total = recall_accuracy(logits, labels)
                 stats.add_(torch.stack([loss_sum.detach().double(), n_tok.double(), correct.double(),
                                         total.double()]))
             return loss_sum * scale
@@ -314,6 +327,8 @@ class DeepSpeedEngine:
         """``(logits, labels)`` of one micro-batch on the plain (non-pipelined) engine."""
         ids, labels, pos, cu = unpack(mb)
         docs = {} if cu is None else {"cu_seqlens": cu}
+        if self._chunk:
+            docs["return_hidden"] = True
         return self.engine(ids, pos, **docs), labels
 
     @torch.no_grad()
@@ -393,48 +408,6 @@ class DeepSpeedEngine:
             fail(f"checkpoint {path}", f"a DeepSpeed checkpoint under tag {CKPT_TAG!r}", "none",
                  "pass a directory written by this trainer (checkpoints/step_*)")
         return client_state or {}
-
-
-# ---------------------------------------------------------------------------- export (no process group)
-
-def export_state_dict(path: str, model_cfg, layout: dict) -> dict:
-    """The HybridLM state dict of a checkpoint this engine saved in ``path`` (``checkpoints/step_N``), in
-    one process, without a process group. ZeRO 1-3: the fp32 master weights, merged from every DP x CP
-    rank's partition by DeepSpeed's ``zero_to_fp32``; ZeRO 0: the module's weights (the training dtype).
-    Pipelines: one ``layer_XX-model_00-model_states.pt`` per stage layer, in the order of
-    :meth:`HybridLM.pipeline_layers` (embedding, blocks, head)."""
-    _deepspeed()
-    import glob
-    ckpt = os.path.join(path, CKPT_TAG)
-    if not os.path.isdir(ckpt):
-        fail(f"export {path}", f"a DeepSpeed checkpoint directory {ckpt}", "nothing there",
-             "pass a checkpoint written by backend=deepspeed (checkpoints/step_N)")
-    if layout.get("zero_stage", 0) >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(path, tag=CKPT_TAG)
-        if layout.get("pp", 1) > 1:  # a pipeline's names are per layer: "<layer index>.<name>"
-            sd = _pipeline_names(sd, model_cfg)
-        return sd
-    if layout.get("pp", 1) > 1:
-        sd = {}
-        for f in sorted(glob.glob(os.path.join(ckpt, "layer_*-model_states.pt"))):
-            idx = int(os.path.basename(f).split("-")[0].split("_")[1])
-            sd.update({f"{idx}.{k}": v for k, v in torch.load(f, map_location="cpu", weights_only=False).items()})
-        return _pipeline_names(sd, model_cfg)
-    states = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-    return dict(states["module"])
-
-
-def _pipeline_names(sd: dict, model_cfg) -> dict:
-    """``"<pipeline layer index>.<name>"`` -> HybridLM names: 0 is ``embed``, 1..n the blocks, n+1 ``head``."""
-    n = model_cfg.n_layers
-    out = {}
-    for key, value in sd.items():
-        idx, name = key.split(".", 1)
-        idx = int(idx)
-        prefix = "embed." if idx == 0 else "head." if idx == n + 1 else f"blocks.{idx - 1}."
-        out[prefix + name] = value
-    return out
 
 
 # ---------------------------------------------------------------------------- export (no process group)

@@ -56,11 +56,13 @@ import torch.distributed as dist
 
 from dist_attn.checks import fail
 from dist_attn.model.config import ModelConfig
+from dist_attn.model.hybrid import chunked_loss
 from dist_attn.parallel._megatron_cpu import megatron_device_shim
 from dist_attn.parallel._megatron_layers import hybridlm_to_megatron_state_dict
 from dist_attn.parallel._megatron_setup import (MegatronGroups, MegatronTrainSettings, _init_torch_distributed,
-                                                build_megatron_model, init_megatron, load_hybridlm_weights,
-                                                transformer_config, validate_megatron)
+                                                build_megatron_model, hidden_output_layers, init_megatron,
+                                                load_hybridlm_weights, transformer_config, validate_megatron,
+                                                vocab_parallel_chunk_ce)
 from dist_attn.train.engine import IGNORE_INDEX, EvalStats, StepStats, unpack
 
 with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected, we use neither
@@ -124,6 +126,9 @@ class MegatronEngine:
         if cfg.backend.zero_stage != 0:
             fail("backend.zero_stage", "0 with backend=megatron (ZeRO is DeepSpeed's; megatron shards the "
                  "optimizer with backend.distributed_optimizer)", cfg.backend.zero_stage, "set backend.zero_stage=0")
+        if getattr(cfg.trainer, "offload", False):
+            fail("trainer.offload", "false with backend=megatron (host offload is the DeepSpeed engine's; megatron "
+                 "recomputes with trainer.recompute)", True, "set trainer.offload=false or backend=deepspeed")
         validate_megatron(cfg.model, plan)
 
     @classmethod
@@ -149,7 +154,8 @@ class MegatronEngine:
         self.seq_len, self.micro_batch = seq_len, micro_batch
         par = settings
         self.chunks = build_megatron_model(model_cfg, groups, precision=settings.precision,
-                                           hybrid_state_dict=hybrid_state_dict, seed=seed)
+                                           hybrid_state_dict=hybrid_state_dict, seed=seed,
+                                           recompute=settings.recompute)
         with megatron_device_shim():
             config = self.chunks[0].config
             ddp_config = DistributedDataParallelConfig(
@@ -177,6 +183,9 @@ class MegatronEngine:
             syncs = [m.no_sync for m in self.model]
             config.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
         self.last_grad_norm = float("nan")
+        # trainer.loss_chunk: the last stage's output layer hands its hidden states to a chunked loss
+        self._loss_chunk = settings.loss_chunk
+        self._out_layers = hidden_output_layers(self.chunks) if settings.loss_chunk else []
         self._stats: Optional[torch.Tensor] = None
         # packed documents reach megatron's layers as its ``packed_seq_params``; our mixers take the
         # global offsets as ``cu_seqlens``: hand them over at every mixer call (the offsets stay on the CPU)
@@ -224,12 +233,18 @@ class MegatronEngine:
     def _loss(self, labels: torch.Tensor, logits: torch.Tensor):
         """Last stage: ``logits [b, s, V/T]`` -> (summed CE of the labelled tokens, their count, stats)."""
         mask = labels != IGNORE_INDEX
-        with torch.no_grad():
-            pred = _vocab_parallel_argmax(logits, self.groups.tp_group)
-            correct = ((pred == labels) & mask).sum()
-        # megatron's vocab-parallel CE: log-sum-exp over the T vocabulary slices, fp32
-        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))  # [b, s]
-        loss_sum = (per_token * mask).sum()
+        layer = self._out_layers[-1] if self._out_layers else None
+        if layer is not None and layer.dist_attn_hidden:  # logits: the hidden states [b, s, d]
+            loss_sum, _, correct = chunked_loss(logits, layer.dist_attn_weight, labels, self._loss_chunk,
+                                                IGNORE_INDEX, partial(vocab_parallel_chunk_ce,
+                                                                      tp_group=self.groups.tp_group))
+        else:
+            with torch.no_grad():
+                pred = _vocab_parallel_argmax(logits, self.groups.tp_group)
+                correct = ((pred == labels) & mask).sum()
+            # megatron's vocab-parallel CE: log-sum-exp over the T vocabulary slices, fp32
+            per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))  # [b, s]
+            loss_sum = (per_token * mask).sum()
         n = mask.sum().to(torch.int)
         if self.groups.tp_rank == 0:  # every TP rank computed the same numbers: count them once
             self._stats += torch.stack([loss_sum.detach().double(), n.double(), correct.double(),
@@ -289,10 +304,16 @@ class MegatronEngine:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
             iters = [iter(micro_batches) for _ in self.model]  # each virtual stage walks the same batches
-            get_forward_backward_func()(
-                forward_step_func=self._forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
-                model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n_micro,
-                seq_length=self.seq_len, micro_batch_size=self.micro_batch, forward_only=False)
+            for layer in self._out_layers:
+                layer.dist_attn_hidden = True  # chunked loss in training (evaluation: plain logits)
+            try:
+                get_forward_backward_func()(
+                    forward_step_func=self._forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
+                    model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=n_micro,
+                    seq_length=self.seq_len, micro_batch_size=self.micro_batch, forward_only=False)
+            finally:
+                for layer in self._out_layers:
+                    layer.dist_attn_hidden = False
             stats = self._stats
             dist.all_reduce(stats)  # only the last stage's TP rank 0 contributed
             finite = bool(torch.isfinite(stats).all())
@@ -414,34 +435,6 @@ def describe(groups: MegatronGroups) -> str:
     return (f"megatron tp={p.tp} pp={p.pp}{f' vpp={p.vpp}' if p.virtual > 1 else ''} cp={p.cp} dp={groups.dp} | "
             f"rank tp={groups.tp_rank} pp={groups.pp_rank} cp={groups.cp_rank} dp={groups.dp_rank} | "
             f"softmax={p.softmax_cp} linear={p.linear_cp} layout={p.layout}")
-
-
-# ---------------------------------------------------------------------------- export
-
-def export_state_dict(path: str, model_cfg: ModelConfig, layout: dict) -> dict:
-    """The HybridLM state dict of a checkpoint :meth:`MegatronEngine.save` wrote under ``path``, whatever
-    its TP/PP/VPP/CP/DP sizes: a world-of-one megatron model (tp = pp = cp = 1) requests every weight
-    from ``dist_checkpointing``, which reassembles the TP shards and pipeline stages by their global
-    keys; the weights then go through :func:`megatron_to_hybridlm_state_dict`. Needs a process group:
-    initialises a gloo world of one when none exists (a CLI process)."""
-    from dist_attn.parallel._megatron_layers import megatron_to_hybridlm_state_dict
-    from dist_attn.plan import ParallelPlan
-    ckpt = os.path.join(path, CKPT_SUBDIR)
-    if not os.path.isdir(ckpt):
-        fail(f"export {path}", f"a megatron checkpoint directory {ckpt}", "nothing there",
-             "pass a checkpoint written by backend=megatron (checkpoints/step_N)")
-    if dist.is_initialized() and dist.get_world_size() != 1:
-        fail("megatron export", "a world of one process (the export reassembles every shard itself)",
-             dist.get_world_size(), "run python -m launchers.export in a single process")
-    plan = ParallelPlan.build(1, softmax_cp="zigzag_ring", linear_cp="lasp2")
-    groups = init_megatron(plan, model_cfg, seed=0)
-    (chunk,) = build_megatron_model(model_cfg, groups, precision=layout.get("precision", "fp32"))
-    meta = {"non_homogeneous_layers": True, "distrib_optim_sharding_type": "dp_reshardable"}
-    with megatron_device_shim(), torch.no_grad():
-        sd = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=meta)}, ckpt)
-        chunk.load_state_dict(sd["model"], strict=False)
-    own = {k: v.detach().cpu() for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
-    return megatron_to_hybridlm_state_dict(own, model_cfg)
 
 
 # ---------------------------------------------------------------------------- export

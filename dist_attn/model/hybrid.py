@@ -15,6 +15,26 @@ next, which :meth:`HybridLM.pipeline_layers` exposes for a DeepSpeed ``PipelineM
 runs the same chain, so the pipelined and plain models compute the same function. ``cu_seqlens``
 (packed documents: GLOBAL document offsets ``[0, e_1, ..., S]``) rides along the tuple to every mixer,
 which passes it to the attention only when it is given (see :mod:`dist_attn.model.mixers`).
+
+Memory (``model.set_memory(recompute=, offload=)`` and the engines' loss, from ``trainer.recompute`` /
+``trainer.offload`` / ``trainer.loss_chunk``). Per block, with ``torch.utils.checkpoint`` (non-reentrant):
+
+* ``none``: autograd keeps every activation (inputs of the norms, projections, attention, gates, SwiGLU).
+* ``selective``: the block keeps its input ``h`` and, inside the mixer, the attention inputs and outputs
+  (q/k/v after RoPE, the output with its LSE or the linear states) and the output gate and projection
+  inputs; it drops and recomputes in backward the two RMSNorms (``norm1``'s output, i.e. the input of
+  the q/k/v/gate projections, is dropped after the forward and rebuilt from ``h`` when the
+  projections' backward asks for it) and the whole MLP sub-block ``h + mlp(norm2(h))`` (its gate/up
+  outputs, silu and product: 3 x ffn_hidden values per token). Nothing communicates again.
+* ``full``: the block keeps only its input ``h [B, S/P, d]`` and runs again in backward. Every CP
+  strategy inside it replays its communication (ring P2P, all-gathers, Ulysses all-to-alls, LASP-2 /
+  gated-delta state exchanges): all ranks of a CP group recompute the same blocks in the same order
+  (the backward walks the blocks in reverse on every rank), so the recomputed collectives match.
+  Saving the strategies' gathered K/V or states instead would keep O(S) (ring, all-gather) bytes per
+  layer, what ``full`` exists to drop. ``offload=True`` keeps that one input in host memory.
+* ``loss_chunk=N``: the last stage returns the normed hidden states (``forward(..., return_hidden=True)``)
+  and :func:`chunked_loss` runs the output projection and cross entropy over chunks of N tokens, each
+  chunk's ``[N, V]`` logits recomputed in its backward: the ``[S/P, V]`` logits never exist at once.
 """
 from __future__ import annotations
 
@@ -22,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dist_attn.context import CPContext
 from dist_attn.layout import check_seq_len
@@ -88,9 +109,45 @@ class EmbeddingStage(nn.Module):
         return (self.tok(input_ids), *rest)
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def _checkpoint(fn, *args):
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+class _DropAndRecompute:
+    """Saved-tensor hooks that drop every tensor autograd saves which lives in ``out``'s storage
+    (e.g. a norm's output saved by the projections reading it) and rebuild it in backward from
+    ``make()``, once, when the first of them is unpacked. Other saved tensors pass through."""
+
+    def __init__(self, out: torch.Tensor, make):
+        self.ptr, self.make, self.value = out.untyped_storage().data_ptr(), make, None
+
+    def pack(self, t: torch.Tensor):
+        if t.untyped_storage().data_ptr() == self.ptr:
+            return (self, t.shape, t.stride(), t.storage_offset())
+        return t
+
+    @staticmethod
+    def unpack(packed):
+        if not isinstance(packed, tuple):
+            return packed
+        self, shape, stride, offset = packed
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.make()
+        return self.value.as_strided(shape, stride, offset)
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: h += mixer(norm(h)); h += mlp(norm(h)). Tuple in, tuple out."""
+    """Pre-norm residual block: h += mixer(norm(h)); h += mlp(norm(h)). Tuple in, tuple out.
+
+    ``recompute`` (``none | selective | full``) and ``offload``: what the block keeps for the backward,
+    see the module docstring; set through :meth:`HybridLM.set_memory`."""
     token_mixing = False  # the mixer is a sub-module and is checked on its own
+    recompute = "none"
+    offload = False
 
     def __init__(self, cfg: ModelConfig, kind: str, cp: CPContext, mixers: dict):
         super().__init__()
@@ -100,11 +157,40 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, inputs):
-        h, position_ids, *docs = inputs  # docs: [] or [cu_seqlens]
+    def _mlp_part(self, h):
+        return h + self.mlp(self.norm2(h))
+
+    def _block(self, h, position_ids, *docs):
         # pass cu_seqlens only when given: mixers written without packed documents keep working
         h = h + self.mixer(self.norm1(h), position_ids, *docs)
-        h = h + self.mlp(self.norm2(h))
+        return self._mlp_part(h)
+
+    def _selective(self, h, position_ids, *docs):
+        x = _checkpoint(self.norm1, h)                      # keeps h, not the norm's internals
+        hooks = _DropAndRecompute(x, lambda: self.norm1(h))  # the projections' saved input: rebuilt
+        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+            m = self.mixer(x, position_ids, *docs)
+        return _checkpoint(self._mlp_part, h + m)           # keeps h + m only
+
+    def _full(self, h, position_ids, *docs):
+        if not self.offload:
+            return _checkpoint(self._block, h, position_ids, *docs)
+        # the one saved tensor, the block input, goes to host memory (pinned on GPU: no host sync)
+        device = h.device  # not h itself: the closure must not keep the device copy alive
+        host = torch.empty(h.shape, dtype=h.dtype, pin_memory=h.is_cuda)
+        host.copy_(h, non_blocking=True)
+        return _checkpoint(lambda hh, *a: self._block(hh.to(device, non_blocking=True), *a),
+                           host, position_ids, *docs)
+
+    def forward(self, inputs):
+        h, position_ids, *docs = inputs  # docs: [] or [cu_seqlens]
+        mode = self.recompute if torch.is_grad_enabled() else "none"
+        if mode == "full":
+            h = self._full(h, position_ids, *docs)
+        elif mode == "selective":
+            h = self._selective(h, position_ids, *docs)
+        else:
+            h = self._block(h, position_ids, *docs)
         return (h, position_ids, *docs)
 
 
@@ -117,9 +203,59 @@ class HeadStage(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
+    def forward(self, inputs, return_hidden: bool = False):
+        h = self.norm(inputs[0])
+        return h if return_hidden else self.out(h)
+
+
+class HiddenHead(nn.Module):
+    """The head stage without its output projection, for pipelines with a chunked loss:
+    ``(hidden, ...) -> norm(hidden) [B, S/P, d]``. Shares the head's modules."""
+    token_mixing = False
+
+    def __init__(self, head: HeadStage):
+        super().__init__()
+        self.head = head
+
     def forward(self, inputs):
-        h = inputs[0]
-        return self.out(self.norm(h))
+        return self.head(inputs, return_hidden=True)
+
+
+def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """One chunk: logits ``[n, V] = h W^T`` in fp32 -> (summed CE, greedy hits over labelled tokens)."""
+    logits = F.linear(h, weight).float()
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    with torch.no_grad():
+        hits = ((logits.argmax(dim=-1) == labels) & (labels != ignore_index)).sum()
+    return loss, hits
+
+
+def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                 ignore_index: int = -100, chunk_fn=None):
+    """Summed cross entropy of ``hidden [B, S/P, d] @ weight[V, d]^T`` against ``labels [B, S/P]``,
+    ``chunk`` tokens at a time -> ``(loss_sum fp32, n_tokens, hits)`` (hits: greedy predictions equal
+    to the label, for MQAR recall).
+
+    Each chunk runs under a non-reentrant checkpoint that keeps only its slice of ``hidden`` (a view)
+    and the weight: its ``[chunk, V]`` logits are freed after the forward and recomputed in the
+    chunk's backward, where they give the chunk's slice of d(hidden) and add to d(weight). Peak
+    logits memory: one chunk, forward and backward. ``chunk_fn(h, weight, labels, ignore_index)``
+    replaces the per-chunk math (the megatron engine passes its vocab-parallel version)."""
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"chunked_loss: expected labels of shape {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(labels.shape)}. Fix: shard labels with the same layout as input_ids.")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunked_loss: expected a positive chunk size, got {chunk!r}. Fix: pass "
+                         f"trainer.loss_chunk >= 1 (0 turns chunking off upstream).")
+    fn = chunk_fn or _chunk_ce
+    h, lab = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    loss = hits = None
+    for i in range(0, h.shape[0], chunk):
+        part = lab[i:i + chunk]
+        li, hi = checkpoint(fn, h[i:i + chunk], weight, part, ignore_index, use_reentrant=False) \
+            if torch.is_grad_enabled() else fn(h[i:i + chunk], weight, part, ignore_index)
+        loss, hits = (li, hi) if loss is None else (loss + li, hits + hi)
+    return loss, (labels != ignore_index).sum(), hits
 
 
 class HybridLM(nn.Module):
@@ -147,18 +283,37 @@ class HybridLM(nn.Module):
         check_cp_awareness(self)
         self._cp_checked = True
 
-    def pipeline_layers(self) -> list:
+    def set_memory(self, recompute: str = "none", offload: bool = False) -> "HybridLM":
+        """Activation recomputation of every block (``none | selective | full``, see the module
+        docstring); ``offload`` (full only) keeps the saved block inputs in host memory."""
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"HybridLM.set_memory: expected recompute in {RECOMPUTE_MODES}, got {recompute!r}. "
+                             f"Fix: set trainer.recompute to one of them.")
+        if offload and recompute != "full":
+            raise ValueError(f"HybridLM.set_memory: expected offload only with recompute='full', got "
+                             f"recompute={recompute!r}. Fix: set trainer.recompute=full or trainer.offload=false.")
+        for b in self.blocks:
+            b.recompute, b.offload = recompute, offload
+        return self
+
+    def pipeline_layers(self, return_hidden: bool = False) -> list:
         """``[embedding stage, block_0, ..., block_{n-1}, head stage]``; each maps a tuple
         ``(hidden, position_ids)`` to the next (the first takes ``(input_ids, position_ids)``, the
-        last returns logits). Shared modules, not copies. With ``tie_embeddings`` the first and last
+        last returns logits, or the normed hidden states with ``return_hidden``: a chunked loss).
+        Shared modules, not copies. With ``tie_embeddings`` the first and last
         stage share one weight: a pipeline that puts them on different stages must tie them itself."""
-        return [self.embed, *self.blocks, self.head]
+        return [self.embed, *self.blocks, HiddenHead(self.head) if return_hidden else self.head]
+
+    def loss_chunked(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int, ignore_index: int = -100):
+        """:func:`chunked_loss` with the output weight: ``hidden`` from ``forward(..., return_hidden=True)``."""
+        return chunked_loss(hidden, self.head.out.weight, labels, chunk, ignore_index)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """``input_ids [B, S/P]`` long, ``position_ids [B, S/P]`` or ``[S/P]`` (global positions, or
         positions restarting per document), ``cu_seqlens`` None or the GLOBAL document offsets
-        ``[0, e_1, ..., S]`` (1-D int, the same on every CP rank) -> logits ``[B, S/P, V]``."""
+        ``[0, e_1, ..., S]`` (1-D int, the same on every CP rank) -> logits ``[B, S/P, V]``, or with
+        ``return_hidden`` the final-normed hidden states ``[B, S/P, d]`` (for :meth:`loss_chunked`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"HybridLM.forward: expected input_ids of shape [B, S/P], got "
                              f"{tuple(input_ids.shape)}. Fix: add the batch dimension.")
@@ -176,7 +331,7 @@ class HybridLM(nn.Module):
                 self._check_cp()
             check_seq_len(s_global, p, self.cp.layout, "HybridLM.forward")
         x = (input_ids, position_ids) if cu_seqlens is None else (input_ids, position_ids, cu_seqlens)
-        for stage in self.pipeline_layers():
+        for stage in self.pipeline_layers(return_hidden):
             x = stage(x)
         return x
 

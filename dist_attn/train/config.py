@@ -26,6 +26,7 @@ from dist_attn.train.engine import lr_at, world_size_from_env  # noqa: F401  (re
 BACKENDS = tuple(ENGINES)
 PRECISIONS = ("bf16", "fp32")
 DATASETS = ("mqar", "memmap")
+RECOMPUTE_MODES = ("none", "selective", "full")
 MAX_SOFTMAX_HEAD_DIM = 128  # dist_attn.kernels.flash_attn Triton tiles (head dims are padded to a power of two)
 
 
@@ -51,6 +52,10 @@ class ParallelConfig:
     """usp only: Ulysses degree U (inner, head-sharded); the ring degree is cp / U. Required for usp."""
     kernel_backend: str = "auto"
     """Local kernels: auto (Triton on GPU, torch on CPU) | triton | torch."""
+    sp: Optional[bool] = None
+    """Sequence parallelism with TP (backend=megatron): norms, residuals and the MLP's elementwise work
+    on S/(P·T) tokens per rank (all-gather before the column-parallel projections, reduce-scatter after
+    the row-parallel ones). None: on when tp > 1; true needs tp > 1 and (seq_len / cp) % tp == 0."""
 
 
 @dataclass
@@ -133,6 +138,30 @@ class TrainerConfig:
     """Micro-batches (of micro_batch rows per data-parallel replica) per evaluation."""
     progress: bool = True
     """Progress bar on rank 0."""
+    recompute: str = "none"
+    """Activation recomputation (both engines; see :mod:`dist_attn.model.hybrid` for the details):
+
+    * ``none``: every block keeps all its activations for the backward.
+    * ``selective``: each block keeps its input, the mixer's inputs and outputs (projections, the
+      attention output with its LSE / the linear states, the output gate and projection), and
+      recomputes in backward what is cheap and large: the two RMSNorms and the whole SwiGLU MLP
+      (norm2 + gate/up projections, silu, product). No communication is recomputed. Megatron:
+      ``recompute_granularity=selective, recompute_modules=[mlp]`` (+ ``layernorm`` when
+      TransformerEngine is installed; its ``core_attn`` targets megatron's own attention, which this
+      project's mixers replace; see ``parallel/_megatron_setup.py``).
+    * ``full``: each block keeps only its input ``[B, S/P, d]``; the whole block (norms, projections,
+      attention, MLP) runs again in backward, *including the CP communication* (ring P2P,
+      all-gathers, Ulysses all-to-alls, LASP-2 / gated-delta state exchange): every rank of a CP
+      group recomputes its blocks in the same order, so the collectives match. Megatron:
+      ``recompute_granularity=full, recompute_method=uniform, recompute_num_layers=1``."""
+    loss_chunk: int = 0
+    """0: off. N > 0: the output projection and cross entropy run over chunks of N tokens of the local
+    shard, each chunk's logits recomputed in backward, so the ``[S/P, V]`` logits never exist at once
+    (forward and backward); the gradients of the hidden states and of the output weight accumulate
+    over the chunks. Both engines, pipeline last stages included."""
+    offload: bool = False
+    """With recompute=full: keep each block's saved input in host memory (pinned on GPU, copied without a
+    host sync) and bring it back for the block's recomputation. DeepSpeed engine only (plain model)."""
     timeout_s: float = 600.0
     """Seconds any collective (on every process group) may wait before failing: a dead or hung rank
     stops the job instead of stalling it (torch gives sub-groups 30 min by default)."""
@@ -305,6 +334,15 @@ def _check_trainer(cfg: TrainConfig) -> None:
              "set a positive lr and a smaller min_lr")
     if not t.timeout_s > 0:
         fail("trainer.timeout_s", "> 0 seconds", t.timeout_s, "set e.g. trainer.timeout_s=600")
+    if t.recompute not in RECOMPUTE_MODES:
+        fail("trainer.recompute", f"one of {RECOMPUTE_MODES}", repr(t.recompute),
+             "use none, selective (norms + MLP recomputed) or full (whole blocks recomputed)")
+    if not isinstance(t.loss_chunk, int) or isinstance(t.loss_chunk, bool) or t.loss_chunk < 0:
+        fail("trainer.loss_chunk", "0 (off) or a positive number of tokens per chunk", repr(t.loss_chunk),
+             "set e.g. trainer.loss_chunk=4096, or 0 to compute the logits at once")
+    if t.offload and t.recompute != "full":
+        fail("trainer.offload", "false unless trainer.recompute=full (it offloads the saved block inputs)",
+             t.offload, "set trainer.recompute=full or trainer.offload=false")
     if t.warmup_steps < 0:
         fail("trainer.warmup_steps", ">= 0", t.warmup_steps, "set 0 for no warmup")
     if not isinstance(t.eval_every, int) or isinstance(t.eval_every, bool) or t.eval_every < 0:

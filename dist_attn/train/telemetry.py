@@ -3,7 +3,11 @@
 One JSON object per logged step in ``<run dir>/metrics.jsonl``; the same numbers as TensorBoard
 scalars in ``<run dir>/tb``. Keys (see :data:`METRIC_KEYS`): step, loss, recall_acc (MQAR; null for
 other data), lr, grad_norm (before clipping), tokens_per_s (global), step_time_s, mfu, comm bytes of
-the CP attention collectives on rank 0 (from :class:`dist_attn.comm.CommRecorder`), memory, and
+the CP attention collectives on rank 0 (from :class:`dist_attn.comm.CommRecorder`), memory
+(``mem_gb`` now, ``mem_peak_gb`` since the process started, ``peak_mem_mb``: the highest per-step
+peak of this rank since the last logged row -- the step's own peak with ``log_every=1`` -- from the
+CUDA allocator's ``max_memory_allocated``, reset at every step, or on CPU the process's peak RSS,
+reset at every step through ``/proc/self/clear_refs``; where that is not writable, the process peak), and
 ``gpus`` (utilization, memory, power, temperature of every rank's GPU) when NVML is present.
 
 MFU = flops_per_token(S) x global tokens/s / (peak FLOP/s per device x devices), with the FLOP
@@ -25,7 +29,7 @@ log = logging.getLogger("dist_attn.train")
 
 METRIC_KEYS = ("step", "loss", "recall_acc", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu",
                "mfu_is_estimate", "comm_sent_bytes", "comm_recv_bytes", "comm_by_kind", "mem_gb",
-               "mem_peak_gb")
+               "mem_peak_gb", "peak_mem_mb")
 
 # dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, SXM parts where there are two)
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0,
@@ -99,6 +103,36 @@ def memory_gb(device: torch.device) -> tuple[float, float]:
     return rss, max(rss, peak)
 
 
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window: the CUDA allocator's peak, or on CPU the kernel's peak RSS
+    (VmHWM, ``echo 5 > /proc/self/clear_refs``). False where the CPU peak cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank since :func:`reset_peak_memory` (MiB): CUDA ``max_memory_allocated``,
+    or on CPU the peak RSS (VmHWM; ``ru_maxrss`` where /proc is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class Telemetry:
     """Collective ``log`` (every rank calls it at the same steps); rank 0 writes the files."""
 
@@ -112,6 +146,7 @@ class Telemetry:
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.tb_dir = os.path.join(run_dir, "tb")
         self._file, self._tb = None, None
+        self._window_peak_mb = 0.0
         if self.rank == 0:
             os.makedirs(run_dir, exist_ok=True)
             self._file = open(self.metrics_path, "a", buffering=1)
@@ -122,10 +157,22 @@ class Telemetry:
     def mfu(self, flops_per_token: float, tokens_per_s: float) -> float:
         return flops_per_token * tokens_per_s / (self.peak * self.world_size)
 
+    def step_begin(self) -> None:
+        """Call before each training step: starts the step's peak-memory window."""
+        reset_peak_memory(self.device)
+
+    def step_end(self) -> float:
+        """Call after each training step: this step's peak memory (MiB), kept for the next log row."""
+        peak = peak_memory_mb(self.device)
+        self._window_peak_mb = max(self._window_peak_mb, peak)
+        return peak
+
     def log(self, record: dict) -> dict:
         """Add memory and GPU counters to ``record`` and write it (rank 0). Returns the full record."""
         mem, peak = memory_gb(self.device)
-        record = dict(record, mem_gb=round(mem, 4), mem_peak_gb=round(peak, 4),
+        step_peak = self._window_peak_mb or peak_memory_mb(self.device)
+        self._window_peak_mb = 0.0
+        record = dict(record, mem_gb=round(mem, 4), mem_peak_gb=round(peak, 4), peak_mem_mb=round(step_peak, 2),
                       mfu_is_estimate=self.peak_is_estimate)
         gpu = self.nvml.read()
         if self.nvml.handle is not None and self.world_size > 1:

@@ -167,8 +167,10 @@ class Trainer:
 
     def train_step(self) -> dict:
         batches = self.data.micro_batches(self.step)
+        self.telemetry.step_begin()  # peak memory of this step (peak_mem_mb)
         with CommRecorder() as rec:
             st = self.engine.train_step(batches)
+        self.telemetry.step_end()
         if not st.applied or not math.isfinite(st.loss):
             self._fail_non_finite(applied=st.applied)
         acc = st.recall_correct / st.recall_total if self.data.is_mqar and st.recall_total else None
