@@ -29,9 +29,13 @@ def _docs(cu_seqlens) -> dict:
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp: CPContext,
-                      causal: bool = True, softmax_scale=None, cu_seqlens=None) -> torch.Tensor:
-    """q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` -> out ``[B, S/P, Hq, D]``."""
+                      causal: bool = True, softmax_scale=None, cu_seqlens=None,
+                      window_size: int | None = None) -> torch.Tensor:
+    """q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` -> out ``[B, S/P, Hq, D]``; ``window_size`` (a
+    sliding left window, causal only) is passed on, like ``cu_seqlens``, only when it is not None."""
     kernel, docs = softmax_kernel(cp.backend), _docs(cu_seqlens)
+    if window_size is not None:
+        docs["window_size"] = window_size
     if not cp.enabled:
         out, _ = kernel(q, k, v, causal=causal, softmax_scale=softmax_scale, **docs)
         return out

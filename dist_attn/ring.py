@@ -237,7 +237,7 @@ def warm_up_p2p(group, device) -> bool:
     the :class:`~dist_attn.comm.CommRecorder` (4 bytes each way, once). Returns True if it ran now."""
     key = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
-    if world == 1 or key in _WARM_GROUPS:
+    if world == 1 or key is None or key in _WARM_GROUPS:  # None: no real group object (nothing to warm)
         return False
     rank = dist.get_rank(group)
     glob = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)

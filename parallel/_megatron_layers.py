@@ -143,7 +143,7 @@ class SoftmaxMixer(_Mixer):
         gate = parts[3].reshape(s, b, self.hq).transpose(0, 1) if self.gated else None  # [b, s, Hq/T]
         o = softmax_mix(q, k, v.contiguous(), position_ids=self._positions(s, hidden_states.device),
                         theta=self.model_cfg.rope_theta, cp=self.cp, gate=gate,
-                        cu_seqlens=cu_seqlens)                              # [b, s, Hq/T, D]
+                        cu_seqlens=cu_seqlens, window_size=self.model_cfg.window_size)  # [b, s, Hq/T, D]
         o = o.transpose(0, 1).reshape(s, b, self.hq * self.hd)              # [s, b, Hq/T·D]
         return self.linear_proj(o)                                          # (out [s, b, d], None)
 

@@ -34,12 +34,14 @@ def _patterns() -> list:
     return ["F", "LF", "FLLF"] + [k for k in kinds if k != "L"] + [k + "F" + k for k in kinds if k != "L"]
 
 
-@pytest.mark.parametrize("pattern", _patterns())
+@pytest.mark.parametrize("pattern", _patterns() + ["LF-window5", "F-window0"])
 def test_incremental_logits_equal_full_forward(pattern):
     """Prefill S0 tokens then step, and step every token from an empty cache: logits at every position
     equal the full forward's, fp32 (vs the fp64 forward, fp32 tolerances) and fp64 (to ~1e-15; G and D
-    layers compute their gate in fp32 by design, so their fp64 models are fp32-exact only)."""
-    model = _model(pattern)
+    layers compute their gate in fp32 by design, so their fp64 models are fp32-exact only). ``-windowW``:
+    softmax layers with a sliding window of W (the cache is read from position - W on)."""
+    pattern, _, window = pattern.partition("-window")
+    model = _model(pattern, window_size=int(window) if window else None)
     ids = torch.randint(0, 61, (2, 45))
     pos = torch.arange(45)
     fp64 = dict(scale=1e-6) if set(pattern) <= {"L", "F"} else dict(dtype=torch.float32)

@@ -223,15 +223,17 @@ def test_forward_rejects_bad_inputs():
 
 
 # ------------------------------------------------------------------ CP vs single process (gloo)
-# (id, world, layout, softmax strategy, linear strategy, ulysses degree for usp)
+# (id, world, layout, softmax strategy, linear strategy, ulysses degree for usp[, model overrides])
 COMBOS = [
     ("p2-zigzag-ring-lasp2", 2, "zigzag", "zigzag_ring", "lasp2", None),
     ("p2-contig-allgather-ulysses", 2, "contiguous", "allgather", "ulysses", None),
     ("p2-zigzag-ulysses-ulysses", 2, "zigzag", "ulysses", "ulysses", None),
+    ("p2-zigzag-ring-window5", 2, "zigzag", "zigzag_ring", "lasp2", None, (("window_size", 5),)),
     ("p4-zigzag-ulysses-lasp2", 4, "zigzag", "ulysses", "lasp2", None),
     ("p4-contig-usp2x2-ulysses", 4, "contiguous", "usp", "ulysses", 2),
     ("p4-zigzag-usp2x2-lasp2", 4, "zigzag", "usp", "lasp2", 2),
     ("p4-contig-ring-lasp2", 4, "contiguous", "zigzag_ring", "lasp2", None),
+    ("p4-contig-ring-window3", 4, "contiguous", "zigzag_ring", "lasp2", None, (("window_size", 3),)),
 ]
 
 
@@ -242,7 +244,7 @@ def _cp_worker(rank, world, combos, cfg_kw, ids, labels):
     from dist_attn.data.sharding import shard_batch
 
     out = {}
-    for cid, _, layout, sm, lin, udeg in combos:
+    for cid, _, layout, sm, lin, udeg, *extra in combos:
         try:
             ug = rg = None
             if sm == "usp":
@@ -251,7 +253,7 @@ def _cp_worker(rank, world, combos, cfg_kw, ids, labels):
             cp = CPContext(group=dist.group.WORLD, layout=layout, softmax_strategy=sm, linear_strategy=lin,
                            ulysses_group=ug, ring_group=rg, backend="torch")
             torch.manual_seed(0)
-            model = HybridLM(ModelConfig(**cfg_kw), cp)
+            model = HybridLM(ModelConfig(**cfg_kw, **dict(*extra)), cp)
             x, y, pos = shard_batch(ids, labels, rank, world, layout)
             loss_sum, n_tok = HybridLM.loss_sum(model(x, pos), y)
             totals = torch.stack([loss_sum.detach(), n_tok.float()])
@@ -282,10 +284,10 @@ def _cp_results(world):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference():
+def _reference(extra=()):
     ids, labels = batch()
     torch.manual_seed(0)
-    model = HybridLM(ModelConfig(**CFG))
+    model = HybridLM(ModelConfig(**CFG, **dict(extra)))
     s, n = HybridLM.loss_sum(model(ids, torch.arange(SEQ)), labels)
     (s / n).backward()
     return float(s.detach() / n), model_grads(model)
@@ -294,7 +296,7 @@ def _reference():
 @pytest.mark.parametrize("combo", COMBOS, ids=[c[0] for c in COMBOS])
 def test_cp_matches_single_process(combo):
     results = _cp_results(combo[1])
-    ref_loss, ref_grads = _reference()
+    ref_loss, ref_grads = _reference(*combo[6:])
     status = results[0][combo[0]]
     assert status[0] == "ok", f"{combo[0]} failed on rank 0: {status[1]}"
     for r, res in enumerate(results):
@@ -327,3 +329,11 @@ def test_linear_decay_stays_exact_when_the_module_is_cast_to_bf16():
         lin(torch.randn(1, 8, 64, dtype=torch.bfloat16), torch.arange(8))
     exact = decay_schedule(lin.h, cfg.linear_decay_min, cfg.linear_decay_max)
     assert seen["decay"].dtype == torch.float32 and torch.equal(seen["decay"], exact)
+
+
+def test_window_size_reaches_the_softmax_layers():
+    """The window is not silently dropped: a 5-token window changes the loss of the reference model, and
+    the window in the CP combos above is the one the single-process reference uses."""
+    assert abs(_reference((("window_size", 5),))[0] - _reference()[0]) > 1e-4
+    with pytest.raises(ValueError, match="window_size"):
+        tiny(window_size=-1)

@@ -81,6 +81,10 @@ class ModelConfig:
     relative to |W| is ~lr / |W|: at 0.02 in a small model it scrambles the layer and MQAR stalls."""
     max_seq_len: int = 2048
     """Largest *global* sequence length S the model accepts (checked per forward; RoPE needs no table)."""
+    window_size: Optional[int] = None
+    """Sliding-window attention for the ``F`` layers: a query at global position p sees keys p - W .. p
+    (flash-attn's left window; with packed documents only inside its document). None: full causal.
+    Under CP the ring skips the blocks (and their transfers) that no local query's window reaches."""
 
     def __post_init__(self):
         self.validate()
@@ -164,6 +168,10 @@ class ModelConfig:
         if "D" in self.layer_types and self.delta_head_dim is None and self.d_model % self.d_heads != 0:
             fail("ModelConfig.delta_heads", f"a divisor of d_model={self.d_model}", self.d_heads,
                  "choose delta_heads dividing d_model, or set delta_head_dim explicitly")
+        w = self.window_size
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
+            fail("ModelConfig.window_size", "None or an int >= 0 (a query at p sees keys p - W .. p)", w,
+                 "set e.g. window_size=1024, or None for full causal attention")
         if not isinstance(self.conv_size, int) or isinstance(self.conv_size, bool) or self.conv_size < 1:
             fail("ModelConfig.conv_size", "a positive int (the short convolution's kernel size)",
                  self.conv_size, "use 4, as Gated DeltaNet and Mamba do")

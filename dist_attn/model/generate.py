@@ -273,7 +273,8 @@ class SoftmaxDecoder(MixerDecoder):
     def prefill(self, m, x, position_ids):
         from dist_attn import dispatch
         q, k, v = _softmax_qkv(m, x, position_ids)
-        o = dispatch.softmax_attention(q, k, v, cp=m.cp, causal=True)  # the training forward's kernel
+        o = dispatch.softmax_attention(q, k, v, cp=m.cp, causal=True,  # the training forward's kernel
+                                       window_size=getattr(m, "window_size", None))
         cache = self.init_state(m, x.shape[0], x.device, k.dtype)
         cache.append(k, v)
         return _softmax_out(m, o, x), cache
@@ -283,6 +284,9 @@ class SoftmaxDecoder(MixerDecoder):
         q, k, v = _softmax_qkv(m, x, torch.tensor([position], device=x.device))
         cache.append(k, v)
         kk, vv = cache.view()                                                      # [B, n, Hkv, D]
+        w = getattr(m, "window_size", None)
+        if w is not None:  # sliding window: cache slot j holds position j; keep j >= position - W
+            kk, vv = kk[:, max(0, kk.shape[1] - (w + 1)):], vv[:, max(0, vv.shape[1] - (w + 1)):]
         acc = torch.promote_types(q.dtype, torch.float32)
         r = m.hq // m.hkv
         qg = q.view(b, m.hkv, r, m.hd).to(acc) * m.hd ** -0.5                     # [B, Hkv, r, D]

@@ -73,6 +73,7 @@ class SoftmaxAttention(nn.Module):
         self.cp = cp
         self.hq, self.hkv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.softmax_head_dim
         self.theta = cfg.rope_theta
+        self.window_size = cfg.window_size  # sliding left window (None: full causal)
         d = cfg.d_model
         self.q_proj = nn.Linear(d, self.hq * self.hd, bias=False)
         self.k_proj = nn.Linear(d, self.hkv * self.hd, bias=False)
@@ -88,7 +89,7 @@ class SoftmaxAttention(nn.Module):
         v = self.v_proj(x).view(b, s, self.hkv, self.hd)
         gate = self.gate(x) if self.gate is not None else None  # (B, S/P, Hq): one gate per head
         o = softmax_mix(q, k, v, position_ids=position_ids, theta=self.theta, cp=self.cp, gate=gate,
-                        cu_seqlens=cu_seqlens)  # (B, S/P, Hq, D)
+                        cu_seqlens=cu_seqlens, window_size=self.window_size)  # (B, S/P, Hq, D)
         return self.o_proj(o.reshape(b, s, self.hq * self.hd))
 
 

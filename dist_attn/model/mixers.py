@@ -82,12 +82,13 @@ def _docs(cu_seqlens) -> dict:
 
 def softmax_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_ids: torch.Tensor, theta: float,
                 cp: CPContext, gate: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, window_size: int | None = None) -> torch.Tensor:
     """q ``[B, S/P, Hq, D]``, k/v ``[B, S/P, Hkv, D]`` (projections), gate logits ``[B, S/P, Hq]`` or None
-    -> ``[B, S/P, Hq, D]``: RoPE on q and k, causal attention through ``dispatch`` (the CP strategy),
-    then ``o_h * sigmoid(gate_h)``."""
+    -> ``[B, S/P, Hq, D]``: RoPE on q and k, causal attention through ``dispatch`` (the CP strategy;
+    ``window_size`` W: a query at p sees keys p - W .. p), then ``o_h * sigmoid(gate_h)``."""
     q, k = apply_rope(q, position_ids, theta), apply_rope(k, position_ids, theta)
-    o = dispatch.softmax_attention(q, k, v, cp=cp, causal=True, **_docs(cu_seqlens))  # (B, S/P, Hq, D)
+    o = dispatch.softmax_attention(q, k, v, cp=cp, causal=True, window_size=window_size,
+                                   **_docs(cu_seqlens))  # (B, S/P, Hq, D)
     if gate is not None:
         o = o * torch.sigmoid(gate).unsqueeze(-1)  # (B, S/P, Hq, 1): one gate per head and token
     return o
