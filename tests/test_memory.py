@@ -221,7 +221,7 @@ def _both(rank, world):
 # ---------------------------------------------------------------------------- megatron
 
 # (group, plan sizes, memory settings); the first run of a group is its reference
-MEGATRON_RUNS = [("cp2", dict(cp=2), m) for m in [dict(), dict(recompute="selective"), dict(recompute="full"),
+MEGATRON_RUNS = [("cp2", dict(cp=2), m) for m in [dict(), dict(recompute="selective"),
                                                   dict(recompute="full", loss_chunk=7)]]
 MEGATRON_RUNS += [("tp2", dict(tp=2), dict()), ("tp2", dict(tp=2, sp=True), dict()),
                   ("tp2", dict(tp=2, sp=True), dict(recompute="selective", loss_chunk=5)),
