@@ -158,7 +158,8 @@ class TrainerConfig:
     """0: off. N > 0: the output projection and cross entropy run over chunks of N tokens of the local
     shard, each chunk's logits recomputed in backward, so the ``[S/P, V]`` logits never exist at once
     (forward and backward); the gradients of the hidden states and of the output weight accumulate
-    over the chunks. Both engines, pipeline last stages included."""
+    over the chunks. Both engines (megatron: vocab-parallel over TP), pipeline last stages included;
+    not with DeepSpeed ZeRO-3 (the weight is read outside the head's forward)."""
     offload: bool = False
     """With recompute=full: keep each block's saved input in host memory (pinned on GPU, copied without a
     host sync) and bring it back for the block's recomputation. DeepSpeed engine only (plain model)."""
