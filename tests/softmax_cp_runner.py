@@ -165,7 +165,7 @@ def errors_worker(rank, world, strategy):
 
 
 def check_errors(strategy):
-    res = run_distributed(errors_worker, 2, strategy, raise_errors=False, timeout=120)
+    res = run_distributed(errors_worker, 2, strategy, raise_errors=False, timeout=120, reuse=True)
     for r, e in enumerate(res):
         assert isinstance(e, RankError), f"rank {r}: no error"
         assert e.type_name == "ValueError", f"rank {r}: {e.type_name}: {e.message}\n{e.traceback}"

@@ -19,7 +19,7 @@ from tests.softmax_cp_runner import cases_for, cases_worker, check_errors
 @pytest.mark.parametrize("world", [1, 2, 3, 4], ids=lambda p: f"P{p}")
 def test_allgather_matches_reference(world):
     cases = cases_for(world, "allgather")
-    res = run_distributed(cases_worker, world, "allgather", cases, world == 2, timeout=240)
+    res = run_distributed(cases_worker, world, "allgather", cases, world == 2, timeout=240, reuse=True)
     assert all(set(r) == {c[0] for c in cases} for r in res)
 
 

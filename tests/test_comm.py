@@ -35,7 +35,7 @@ def _collectives(rank, world_size):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_collectives_and_byte_counts(world_size):
-    totals = run_distributed(_collectives, world_size)
+    totals = run_distributed(_collectives, world_size, reuse=True)
     assert len(set(totals)) == 1
 
 

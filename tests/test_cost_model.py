@@ -88,7 +88,7 @@ def _bytes_worker(rank, p):
 
 @pytest.mark.parametrize("p", [2, 4], ids=["P2", "P4"])
 def test_predicted_bytes_equal_measured(p):
-    problems = run_distributed(_bytes_worker, p, timeout=240)
+    problems = run_distributed(_bytes_worker, p, timeout=240, reuse=True)
     assert problems[0] == [] and all(r == problems[0] for r in problems), "\n".join(sum(problems, []))
 
 
@@ -121,7 +121,7 @@ def _timing_worker(rank, p):
 
 def test_cpu_time_tracks_model():
     p = 2
-    meas = run_distributed(_timing_worker, p, timeout=240)[0]
+    meas = run_distributed(_timing_worker, p, timeout=240, reuse=True)[0]
     speed = 4.0 * 8 * 512 * 512 * 64 / meas["ref"] / CPU_GLOO.softmax_flops   # < 1 on a loaded machine
     hw = dataclasses.replace(
         CPU_GLOO, softmax_flops=CPU_GLOO.softmax_flops * speed, linear_flops=CPU_GLOO.linear_flops * speed,

@@ -216,7 +216,7 @@ def _launch_worker(rank, world):
 
 @functools.lru_cache(maxsize=None)
 def _results():
-    return run_distributed(_launch_worker, 4, timeout=300)
+    return run_distributed(_launch_worker, 4, timeout=300, reuse=True)
 
 
 def _launch(p):

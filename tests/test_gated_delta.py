@@ -208,7 +208,7 @@ def _cp_worker(rank, p):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("p", [1, 2, 3, 4], ids=lambda p: f"P{p}")
 def test_gated_delta_attention_matches_recurrence_and_bytes(p):
-    results = run_distributed(_cp_worker, p, timeout=200)
+    results = run_distributed(_cp_worker, p, timeout=200, reuse=True)
     failures = [f for fails, _ in results for f in fails]
     assert not failures, "\n".join(failures)
     assert all(n == 10 * 6 for _, n in results)

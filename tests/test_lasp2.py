@@ -198,7 +198,7 @@ def _worker(rank, p, gated_cases):
 @pytest.mark.parametrize("p", [1, 2, 3, 4], ids=lambda p: f"P{p}")
 def test_lasp2_matches_reference_and_bytes(p):
     cases = _gated_cases()
-    results = run_distributed(_worker, p, cases, timeout=260)
+    results = run_distributed(_worker, p, cases, timeout=260, reuse=True)
     failures = [f for fails, _ in results for f in fails]
     assert not failures, "\n".join(failures)
     n_grads = sum(5 if c["inputs"][4] is not None else 4 for c, _ in cases)
@@ -237,7 +237,7 @@ def _triton_worker(rank, p):
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(torch.cuda.is_available() or not triton_interpreting(), reason="CPU interpreter run only")
 def test_lasp2_with_triton_kernel():
-    results = run_distributed(_triton_worker, 2, timeout=150)
+    results = run_distributed(_triton_worker, 2, timeout=150, reuse=True)
     assert all(len(r) == 18 for r in results)
 
 
@@ -299,7 +299,7 @@ def _errors_worker(rank, p):
 
 @pytest.mark.timeout(120)
 def test_lasp2_errors_on_every_rank():
-    results = run_distributed(_errors_worker, 2, timeout=90, raise_errors=False)
+    results = run_distributed(_errors_worker, 2, timeout=90, raise_errors=False, reuse=True)
     cases, _ = _error_cases()
     for rank, res in enumerate(results):
         assert isinstance(res, tuple), f"rank {rank} failed: {res}"

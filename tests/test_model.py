@@ -280,7 +280,8 @@ def _cp_worker(rank, world, combos, cfg_kw, ids, labels):
 def _cp_results(world):
     ids, labels = batch()
     combos = [c for c in COMBOS if c[1] == world]
-    return run_distributed(_cp_worker, world, combos, CFG, ids, labels, timeout=240.0, pg_timeout=60.0)
+    return run_distributed(_cp_worker, world, combos, CFG, ids, labels, timeout=240.0, pg_timeout=60.0,
+                           reuse=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -202,7 +202,7 @@ def _cp_worker(rank, world, cfg_kw):
 
 @functools.lru_cache(maxsize=None)
 def _cp_results():
-    return run_distributed(_cp_worker, 2, CFG, timeout=240.0)
+    return run_distributed(_cp_worker, 2, CFG, timeout=240.0, reuse=True)
 
 
 def test_cp_recall_matches_single_process():

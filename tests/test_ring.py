@@ -21,7 +21,7 @@ from tests.utils import TOLERANCES
 @pytest.mark.parametrize("world", [1, 2, 3, 4], ids=lambda p: f"P{p}")
 def test_ring_matches_reference(world):
     cases = cases_for(world, "ring")
-    res = run_distributed(cases_worker, world, "ring", cases, world == 2, timeout=240)
+    res = run_distributed(cases_worker, world, "ring", cases, world == 2, timeout=240, reuse=True)
     assert all(set(r) == {c[0] for c in cases} for r in res)
 
 

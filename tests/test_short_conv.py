@@ -94,7 +94,7 @@ def _worker(rank, p):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("p", [1, 2, 3, 4], ids=lambda p: f"P{p}")
 def test_short_conv_matches_conv1d(p):
-    results = run_distributed(_worker, p, timeout=150)
+    results = run_distributed(_worker, p, timeout=150, reuse=True)
     failures = [f for fails, _ in results for f in fails]
     assert not failures, "\n".join(failures)
     assert all(n > 0 for _, n in results)

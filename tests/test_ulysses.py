@@ -166,7 +166,7 @@ def _launch_worker(rank, p):
 
 @functools.lru_cache(maxsize=None)
 def _launch(p):
-    return run_distributed(_launch_worker, p, timeout=300)
+    return run_distributed(_launch_worker, p, timeout=300, reuse=p != 2)  # P=2 runs DeepSpeed
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4], ids=lambda p: f"P{p}")
@@ -204,7 +204,7 @@ def _uncaught_worker(rank, p):
 
 
 def test_ulysses_error_uncaught_is_valueerror_everywhere():
-    results = run_distributed(_uncaught_worker, 2, timeout=60, raise_errors=False)
+    results = run_distributed(_uncaught_worker, 2, timeout=60, raise_errors=False, reuse=True)
     for r in results:
         assert isinstance(r, RankError) and r.type_name == "ValueError", r
         assert "Hq=3" in r.message and "Fix:" in r.message

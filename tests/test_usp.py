@@ -128,7 +128,7 @@ def _launch_worker(rank, p):
 
 @functools.lru_cache(maxsize=None)
 def _launch(p):
-    return run_distributed(_launch_worker, p, timeout=300)
+    return run_distributed(_launch_worker, p, timeout=300, reuse=True)
 
 
 @pytest.mark.parametrize("p", [2, 4], ids=lambda p: f"P{p}")
