@@ -188,20 +188,23 @@ def _plot(rows: list, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (mode, chunk), style in zip([(m, c) for c in (0, CHUNK) for m in MODES],
-                                    ["o-", "s-", "^-", "o--", "s--", "^--"]):
-        pts = sorted((r["seq"], r["step_mb"]) for r in rows if r["mode"] == mode and r["chunk"] == chunk
-                     and r["pattern"] == rows[0]["pattern"])
-        if pts:
-            ax.plot(*zip(*pts), style, label=f"{mode}{' + loss_chunk' if chunk else ''}")
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    colors = dict(zip(MODES, ("C0", "C1", "C2")))
+    for pattern, marker in (("LLLF", "o"), ("LLLL", "x")):
+        for mode in MODES:
+            for chunk, line in ((0, "-"), (CHUNK, "--")):
+                pts = sorted((r["seq"], r["step_mb"]) for r in rows if r["mode"] == mode and r["chunk"] == chunk
+                             and r["pattern"] == pattern)
+                if pts:
+                    ax.plot(*zip(*pts), marker + line, color=colors[mode],
+                            label=f"{mode}{' + loss_chunk' if chunk else ''} ({pattern})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length S (tokens)")
     ax.set_ylabel("step memory above parameters (MB)")
-    ax.set_title(f"peak memory of one training step, {rows[0]['pattern']} hybrid (scaled)")
+    ax.set_title("peak memory of one training step (scaled hybrid; LLLL: linear-only, to 64K)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -247,6 +250,8 @@ def main(argv=None) -> None:
             json.dump(data, f, indent=1)
         _write(a, data["model"], data["rows"], data["long_rows"], data["maxes"], device_name(),
                data.get("elapsed", 0.0) + time.time() - t0, depth=(deep, rows))
+        if data["rows"]:
+            _plot(data["rows"] + data["long_rows"], os.path.splitext(a.out)[0] + ".png")
         return
     rows = sweep(model, [int(s) for s in a.seqs.split(",")], MODES, (0, CHUNK), a.gpu, log)
     long_rows = []
