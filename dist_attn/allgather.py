@@ -49,7 +49,7 @@ import torch
 from dist_attn.comm import all_gather, reduce_scatter
 from dist_attn.documents import check_same_on_ranks
 from dist_attn.layout import gathered_to_global_index, rank_ranges
-from dist_attn.merge import empty_accumulators, merge_into
+from dist_attn.merge import BlockwiseAttention, empty_accumulators, merge_into
 from dist_attn.ring import _ALL, _rows, check_softmax_cp_inputs
 
 
@@ -180,36 +180,6 @@ def _masked_backward(dout, q, k, v, out, lse, group, causal, layout, scale, kern
     return dq, dkv_local[0], dkv_local[1]
 
 
-class _MaskedAllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, scale, kernel, world, rank, mask_kw):
-        out, lse = _masked_forward(q, k, v, group, causal, layout, scale, kernel, world, rank, mask_kw)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, layout, scale, kernel, world, rank, mask_kw)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _masked_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 8
-
-
-class _AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, scale, kernel, world, rank):
-        out, lse = _allgather_forward(q, k, v, group, causal, layout, scale, kernel, world, rank)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, layout, scale, kernel, world, rank)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _allgather_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
-
-
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, causal: bool = True,
                         layout: str = "zigzag", softmax_scale=None, local_attn=None, cu_seqlens=None,
                         window_size=None) -> torch.Tensor:
@@ -227,9 +197,11 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
                                                    softmax_scale, local_attn, cu_seqlens, window_size)
     rank = dist.get_rank(group)
     if cu_seqlens is None and window_size is None:
-        return _AllGatherAttention.apply(q, k, v, group, causal, layout, scale, kernel, world, rank)
+        return BlockwiseAttention.apply(q, k, v, _allgather_forward, _allgather_backward,
+                                        (group, causal, layout, scale, kernel, world, rank))
     if cu_seqlens is None or cu_seqlens.device.type == "cpu":  # debug-mode cross-rank check (free otherwise)
         check_same_on_ranks("allgather_attention", None if cu_seqlens is None else tuple(cu_seqlens.tolist()),
                             window_size, group)
     mask_kw = dict(cu_seqlens=cu_seqlens, window_size=window_size)
-    return _MaskedAllGatherAttention.apply(q, k, v, group, causal, layout, scale, kernel, world, rank, mask_kw)
+    return BlockwiseAttention.apply(q, k, v, _masked_forward, _masked_backward,
+                                    (group, causal, layout, scale, kernel, world, rank, mask_kw))

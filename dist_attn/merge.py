@@ -74,3 +74,23 @@ def empty_accumulators(q: torch.Tensor, v_dim: int | None = None) -> tuple[torch
     out = torch.zeros(b, s, h, d if v_dim is None else v_dim, dtype=acc, device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
     return out, lse
+
+
+class BlockwiseAttention(torch.autograd.Function):
+    """Autograd wrapper shared by the blockwise softmax-CP strategies (ring, all-gather, each with and
+    without a mask): ``apply(q, k, v, fwd, bwd, args)`` runs ``fwd(q, k, v, *args) -> (out, lse)``, saves
+    q, k, v, out, lse (O(S/P) per rank), and in backward ``bwd(dout, q, k, v, out, lse, *args)`` returns
+    fp32 dq, dk, dv, cast back to the input dtypes. ``args`` holds only non-differentiable values."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fwd, bwd, args):
+        out, lse = fwd(q, k, v, *args)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bwd, ctx.args = bwd, args
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

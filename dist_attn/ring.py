@@ -70,7 +70,7 @@ from dist_attn.checks import check_group, check_qkv, fail
 from dist_attn.comm import RingComm, _record, nbytes
 from dist_attn.documents import check_documents, check_same_on_ranks, host_offsets, ranges_meet, ring_need
 from dist_attn.layout import check_layout, check_seq_len, rank_ranges
-from dist_attn.merge import empty_accumulators, merge_into
+from dist_attn.merge import BlockwiseAttention, empty_accumulators, merge_into
 from dist_attn.kernels.interface import LinearKernel, SoftmaxKernel, softmax_kernel_from_autograd
 
 _ALL = slice(None)
@@ -281,12 +281,10 @@ class _Shift:
             r.wait()
 
 
-def _masked_forward(q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size):
-    """Forward over the planned steps; the next step's K/V are in flight during this step's compute."""
-    shift = _Shift(group)
-    out, lse = empty_accumulators(q)
-    mask_kw = dict(cu_seqlens=cu_seqlens, window_size=window_size)
-
+def _planned_steps(plan, shift, k, v):
+    """Yield ``(d, send, recv, pairs, kb, vb)`` per planned step, kb/vb being the K/V block of rank-d
+    (None if not received); step i+1's exchange is posted before step i is yielded, so it is in flight
+    during step i's compute."""
     def post(i):
         d, send, recv, _ = plan.steps[i]
         return shift.post(d, [k, v] if send else [], [k, v] if recv else [])
@@ -300,6 +298,14 @@ def _masked_forward(q, k, v, group, causal, layout, scale, kernel, plan, cu_seql
             shift.wait(reqs)
             kb, vb = bufs if recv else (None, None)
             pending = post(i + 1) if i + 1 < len(plan.steps) else None
+        yield d, send, recv, pairs, kb, vb
+
+
+def _masked_forward(q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size):
+    """Forward over the planned steps; the next step's K/V are in flight during this step's compute."""
+    out, lse = empty_accumulators(q)
+    mask_kw = dict(cu_seqlens=cu_seqlens, window_size=window_size)
+    for _, _, _, pairs, kb, vb in _planned_steps(plan, _Shift(group), k, v):
         for qs, ks, qo, ko in pairs:
             o_b, l_b = kernel.fwd(_rows(q, qs), _rows(kb, ks), _rows(vb, ks), causal=causal, softmax_scale=scale,
                                   q_offset=qo, k_offset=ko, **mask_kw)
@@ -317,19 +323,16 @@ def _masked_backward(dout, q, k, v, out, lse, group, causal, layout, scale, kern
     dv_own = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     f32 = [dk_own, dv_own]  # shape/dtype templates of the dK/dV messages
 
-    def post(i):
-        d, send, recv, _ = plan.steps[i]
-        return shift.post(d, [k, v] if send else [], [k, v] if recv else [])
-
-    pending, dkv_pending = (post(1) if len(plan.steps) > 1 else None), None
-    for i, (d, send, recv, pairs) in enumerate(plan.steps):
-        if d == 0:
-            kb, vb = k, v
-        else:
-            bufs, reqs = pending
+    def land(pending):  # wait for a posted dK/dV exchange; add what came back for my keys
+        if pending is not None:
+            bufs, reqs, got = pending
             shift.wait(reqs)
-            kb, vb = bufs if recv else (None, None)
-            pending = post(i + 1) if i + 1 < len(plan.steps) else None
+            if got:
+                dk_own.add_(bufs[0])
+                dv_own.add_(bufs[1])
+
+    dkv_pending = None
+    for d, send, recv, pairs, kb, vb in _planned_steps(plan, shift, k, v):
         dk_b = torch.zeros_like(dk_own) if pairs else None
         dv_b = torch.zeros_like(dv_own) if pairs else None
         for qs, ks, qo, ko in pairs:
@@ -339,12 +342,7 @@ def _masked_backward(dout, q, k, v, out, lse, group, causal, layout, scale, kern
             dq[:, qs] += dq_p
             dk_b[:, ks] += dk_p
             dv_b[:, ks] += dv_p
-        if dkv_pending is not None:  # the previous distance's dK/dV for my keys has arrived
-            bufs, reqs, got = dkv_pending
-            shift.wait(reqs)
-            if got:
-                dk_own += bufs[0]
-                dv_own += bufs[1]
+        land(dkv_pending)  # the previous distance's dK/dV for my keys has arrived
         if d == 0:
             if pairs:
                 dk_own += dk_b
@@ -353,43 +351,8 @@ def _masked_backward(dout, q, k, v, out, lse, group, causal, layout, scale, kern
         else:  # back to rank-d (it needs them iff I received its block); mine from rank+d iff it got mine
             bufs, reqs = shift.post(d, [dk_b, dv_b] if recv else [], f32 if send else [], back=True)
             dkv_pending = (bufs, reqs, send)
-    if dkv_pending is not None:
-        bufs, reqs, got = dkv_pending
-        shift.wait(reqs)
-        if got:
-            dk_own += bufs[0]
-            dv_own += bufs[1]
+    land(dkv_pending)
     return dq, dk_own, dv_own
-
-
-class _MaskedRingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size):
-        out, lse = _masked_forward(q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, layout, scale, kernel, plan, cu_seqlens, window_size)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _masked_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 8
-
-
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, scale, kernel):
-        out, lse = _ring_forward(q, k, v, group, causal, layout, scale, kernel)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, layout, scale, kernel)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, causal: bool = True,
@@ -410,9 +373,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, 
     world, scale, kernel = check_softmax_cp_inputs(where, q, k, v, group, causal, layout, softmax_scale,
                                                    local_attn, cu_seqlens, window_size)
     if cu_seqlens is None and window_size is None:
-        return _RingAttention.apply(q, k, v, group, causal, layout, scale, kernel)
+        return BlockwiseAttention.apply(q, k, v, _ring_forward, _ring_backward, (group, causal, layout, scale, kernel))
     cu = host_offsets(where, cu_seqlens, world * q.shape[1])
     check_same_on_ranks(where, cu, window_size, group)
     plan = _Plan(dist.get_rank(group), world, layout, causal, cu, window_size, q.shape[1])
     warm_up_p2p(group, q.device)  # the plan may skip some ranks' calls: not as the group's first p2p
-    return _MaskedRingAttention.apply(q, k, v, group, causal, layout, scale, kernel, plan, cu_seqlens, window_size)
+    return BlockwiseAttention.apply(q, k, v, _masked_forward, _masked_backward,
+                                    (group, causal, layout, scale, kernel, plan, cu_seqlens, window_size))
