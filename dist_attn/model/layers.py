@@ -109,7 +109,39 @@ def decay_schedule(n_heads: int, lam_min: float, lam_max: float) -> torch.Tensor
     return torch.log1p(-rate).float()  # log(lambda), accurate for lambda near 1
 
 
-class LinearAttention(nn.Module):
+class _LinearBase(nn.Module):
+    """What ``L`` and ``G`` share: q/k/v and output-gate projections ``[d -> H·D]``, the per-head output
+    RMSNorm and ``o_proj``; the state's decay (fixed ``[H]`` or per token ``[B, S/P, H]``) is the subclass's.
+    Parameters are created in the order q, k, v, gate, (the subclass's), out_norm, o_proj."""
+
+    def _init_in(self, cfg: ModelConfig, cp: CPContext) -> None:
+        self.cp = cp
+        self.h, self.hd = cfg.lin_heads, cfg.lin_head_dim
+        d, inner = cfg.d_model, cfg.lin_heads * cfg.lin_head_dim
+        self.q_proj = nn.Linear(d, inner, bias=False)
+        self.k_proj = nn.Linear(d, inner, bias=False)
+        self.v_proj = nn.Linear(d, inner, bias=False)
+        self.gate = nn.Linear(d, inner, bias=False)
+
+    def _init_out(self, cfg: ModelConfig) -> None:
+        self.out_norm = RMSNorm(self.hd, cfg.norm_eps)
+        self.o_proj = nn.Linear(self.h * self.hd, cfg.d_model, bias=False)
+        self.o_proj.is_output_proj = True
+        # the output norm makes q, k, v scale-invariant: see ModelConfig.linear_qkv_init_std
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.init_std = cfg.linear_qkv_std
+
+    def _mix(self, x: torch.Tensor, cu_seqlens, **decay_or_g) -> torch.Tensor:
+        """``x [B, S/P, d]`` -> ``mixers.linear_mix`` (decay=... or g=...) -> ``o_proj`` -> ``[B, S/P, d]``."""
+        b, s, _ = x.shape
+        shape = (b, s, self.h, self.hd)
+        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        o = linear_mix(q, k, v, self.gate(x).view(shape), norm_weight=self.out_norm.weight,
+                       eps=self.out_norm.eps, cp=self.cp, cu_seqlens=cu_seqlens, **decay_or_g)  # (B, S/P, H, D)
+        return self.o_proj(o.reshape(b, s, self.h * self.hd))
+
+
+class LinearAttention(_LinearBase):
     """Causal linear attention with per-head decay (Lightning / TransNormerLLM / MiniMax style).
 
     q = silu(x Wq), k = silu(x Wk), v = x Wv ``[B, S/P, H, D]``;  with lambda_h = exp(g_h),
@@ -127,33 +159,17 @@ class LinearAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cp: CPContext):
         super().__init__()
-        self.cp = cp
-        self.h, self.hd = cfg.lin_heads, cfg.lin_head_dim
-        d, inner = cfg.d_model, cfg.lin_heads * cfg.lin_head_dim
-        self.q_proj = nn.Linear(d, inner, bias=False)
-        self.k_proj = nn.Linear(d, inner, bias=False)
-        self.v_proj = nn.Linear(d, inner, bias=False)
-        self.gate = nn.Linear(d, inner, bias=False)
-        self.out_norm = RMSNorm(self.hd, cfg.norm_eps)
-        self.o_proj = nn.Linear(inner, d, bias=False)
-        self.o_proj.is_output_proj = True
-        # the output norm makes q, k, v scale-invariant: see ModelConfig.linear_qkv_init_std
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            proj.init_std = cfg.linear_qkv_std
+        self._init_in(cfg, cp)
+        self._init_out(cfg)
         # not persistent: a function of the config, so checkpoints do not pin the schedule
         self._decay_range = (cfg.linear_decay_min, cfg.linear_decay_max)
         self.register_buffer("log_decay", decay_schedule(self.h, *self._decay_range), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
-        b, s, _ = x.shape
-        shape = (b, s, self.h, self.hd)
-        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
         decay = self.log_decay  # [H], <= 0
         if decay.dtype != torch.float32:  # module cast to bf16 (e.g. by DeepSpeed): rebuild the exact values
             decay = decay_schedule(self.h, *self._decay_range).to(decay.device)
-        o = linear_mix(q, k, v, self.gate(x).view(shape), decay=decay, norm_weight=self.out_norm.weight,
-                       eps=self.out_norm.eps, cp=self.cp, cu_seqlens=cu_seqlens)  # (B, S/P, H, D)
-        return self.o_proj(o.reshape(b, s, self.h * self.hd))
+        return self._mix(x, cu_seqlens, decay=decay)
 
 
 def gate_init(n_heads: int, a_range=(1.0, 16.0), dt_range=(1e-3, 0.1), dt_floor: float = 1e-4):
@@ -166,7 +182,7 @@ def gate_init(n_heads: int, a_range=(1.0, 16.0), dt_range=(1e-3, 0.1), dt_floor:
     return torch.log(a), dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt) = dt + log(1 - e^-dt)
 
 
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(_LinearBase):
     """``G``: :class:`LinearAttention` with a per-token gate in place of the fixed decay (Mamba2 / simple GLA).
 
     q, k, v, the output gate and the norm as in ``L``; the state decays by a data-dependent scalar per
@@ -179,30 +195,15 @@ class GatedLinearAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cp: CPContext):
         super().__init__()
-        self.cp = cp
-        self.h, self.hd = cfg.lin_heads, cfg.lin_head_dim
-        d, inner = cfg.d_model, cfg.lin_heads * cfg.lin_head_dim
-        self.q_proj = nn.Linear(d, inner, bias=False)
-        self.k_proj = nn.Linear(d, inner, bias=False)
-        self.v_proj = nn.Linear(d, inner, bias=False)
-        self.gate = nn.Linear(d, inner, bias=False)
-        self.a_proj = nn.Linear(d, self.h, bias=False)
+        self._init_in(cfg, cp)
+        self.a_proj = nn.Linear(cfg.d_model, self.h, bias=False)
         a_log, dt_bias = gate_init(self.h)
         self.A_log, self.dt_bias = nn.Parameter(a_log), nn.Parameter(dt_bias)
-        self.out_norm = RMSNorm(self.hd, cfg.norm_eps)
-        self.o_proj = nn.Linear(inner, d, bias=False)
-        self.o_proj.is_output_proj = True
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            proj.init_std = cfg.linear_qkv_std
+        self._init_out(cfg)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
-        b, s, _ = x.shape
-        shape = (b, s, self.h, self.hd)
-        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
         g = mamba_gate(self.a_proj(x), self.A_log, self.dt_bias)  # (B, S/P, H) fp32, <= 0
-        o = linear_mix(q, k, v, self.gate(x).view(shape), decay=None, g=g, norm_weight=self.out_norm.weight,
-                       eps=self.out_norm.eps, cp=self.cp, cu_seqlens=cu_seqlens)  # (B, S/P, H, D)
-        return self.o_proj(o.reshape(b, s, self.h * self.hd))
+        return self._mix(x, cu_seqlens, decay=None, g=g)
 
 
 class GatedDeltaNet(nn.Module):
