@@ -243,6 +243,15 @@ def _values_checkable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or torch.is_anomaly_enabled()
 
 
+def _check_log_values(name: str, t: torch.Tensor, q: torch.Tensor, expected: str, fix: str) -> None:
+    """A log-decay / log-gate tensor: on q's device, and (when its values can be read without a host
+    sync) every value <= 0, which also rejects NaN."""
+    if t.device != q.device:
+        fail(_WHERE, f"{name} on {q.device} like q", str(t.device), f"move {name} to the device of q")
+    if _values_checkable(t) and not bool((t <= 0).all()):
+        fail(_WHERE, expected, f"max {t.max().item():.4g}", fix)
+
+
 def _validate(q, k, v, group, decay, g, cu_seqlens, layout, scale, local_linear) -> LinearKernel:
     """Every check is local, so a bad input raises ValueError on every rank before any collective."""
     p = check_group(_WHERE, group)
@@ -259,21 +268,15 @@ def _validate(q, k, v, group, decay, g, cu_seqlens, layout, scale, local_linear)
             fail(_WHERE, f"decay a floating tensor of shape [H] = [{hq}] or None",
                  f"{type(decay).__name__} {tuple(getattr(decay, 'shape', ()))}",
                  "pass one log-decay per head, e.g. -torch.rand(H)")
-        if decay.device != q.device:
-            fail(_WHERE, f"decay on {q.device} like q", str(decay.device), "move decay to the device of q")
-        if _values_checkable(decay) and not bool((decay <= 0).all()):  # also rejects NaN
-            fail(_WHERE, "log-decay values <= 0 (lambda = exp(decay) <= 1)",
-                 f"max {decay.max().item():.4g}", "pass log(lambda), e.g. -F.softplus(param)")
+        _check_log_values("decay", decay, q, "log-decay values <= 0 (lambda = exp(decay) <= 1)",
+                          "pass log(lambda), e.g. -F.softplus(param)")
     if g is not None:
         if not isinstance(g, torch.Tensor) or tuple(g.shape) != (b, s_loc, hq) or not g.is_floating_point():
             fail(_WHERE, f"g a floating tensor [B, S/P, H] = [{b}, {s_loc}, {hq}] sharded like q, or None",
                  f"{type(g).__name__} {tuple(getattr(g, 'shape', ()))} {getattr(g, 'dtype', '')}",
                  "pass one log gate per local token and head, e.g. F.logsigmoid(x)")
-        if g.device != q.device:
-            fail(_WHERE, f"g on {q.device} like q", str(g.device), "move g to the device of q")
-        if _values_checkable(g) and not bool((g <= 0).all()):  # also rejects NaN
-            fail(_WHERE, "log-gate values g <= 0", f"max {g.max().item():.4g}",
-                 "pass the log of the gate, e.g. F.logsigmoid(x), not the gate itself")
+        _check_log_values("g", g, q, "log-gate values g <= 0",
+                          "pass the log of the gate, e.g. F.logsigmoid(x), not the gate itself")
     if scale is not None and not isinstance(scale, (int, float)):
         fail(_WHERE, "scale a Python number or None", type(scale).__name__, "pass float(scale)")
     check_layout(layout, f"{_WHERE}: layout")

@@ -18,7 +18,7 @@ from dist_attn.layout import LAYOUTS, shard
 from dist_attn.kernels.gated_delta import delta_kernel
 from dist_attn.kernels.gated_delta.naive import gated_delta_chunked, gated_delta_recurrent
 from tests.dist import run_distributed
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_no_failures, value_error_report
 
 B, H, DK, DV = 2, 2, 8, 6
 NAMES = ("dq", "dk", "dv", "dbeta", "dg")
@@ -208,10 +208,8 @@ def _cp_worker(rank, p):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("p", [1, 2, 3, 4], ids=lambda p: f"P{p}")
 def test_gated_delta_attention_matches_recurrence_and_bytes(p):
-    results = run_distributed(_cp_worker, p, timeout=200, reuse=True)
-    failures = [f for fails, _ in results for f in fails]
-    assert not failures, "\n".join(failures)
-    assert all(n == 10 * 6 for _, n in results)
+    counts = assert_no_failures(run_distributed(_cp_worker, p, timeout=200, reuse=True))
+    assert all(n == 10 * 6 for n in counts)
 
 
 def _error_cases():
@@ -238,14 +236,9 @@ def _error_cases():
 
 def _errors():
     cases, base = _error_cases()
-    got = {}
-    for name, needle, over in cases:
+
+    def call(**over):
         kw = {**base, **over}
-        args = [kw.pop(n) for n in ("q", "k", "v", "beta", "g")]
-        try:
-            gated_delta_attention(*args, group=None, **kw)
-            got[name] = "no error"
-        except ValueError as e:
-            got[name] = "ok" if needle in str(e) and "Fix:" in str(e) else f"message: {e}"
-    return got
+        gated_delta_attention(*[kw.pop(n) for n in ("q", "k", "v", "beta", "g")], group=None, **kw)
+    return value_error_report(call, cases)
 

@@ -22,7 +22,7 @@ from dist_attn.kernels.interface import triton_interpreting
 from dist_attn.kernels.lightning_attn import linear_kernel
 from dist_attn.kernels.lightning_attn.naive import linear_attn_chunked, linear_attn_recurrent
 from tests.dist import run_distributed
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_no_failures
 
 B, H, DK, DV, S = 2, 3, 16, 24, 840
 DECAYS = {"nodecay": None, "perhead": [-2.0, -0.05, -0.002]}
@@ -198,11 +198,9 @@ def _worker(rank, p, gated_cases):
 @pytest.mark.parametrize("p", [1, 2, 3, 4], ids=lambda p: f"P{p}")
 def test_lasp2_matches_reference_and_bytes(p):
     cases = _gated_cases()
-    results = run_distributed(_worker, p, cases, timeout=260, reuse=True)
-    failures = [f for fails, _ in results for f in fails]
-    assert not failures, "\n".join(failures)
+    counts = assert_no_failures(run_distributed(_worker, p, cases, timeout=260, reuse=True))
     n_grads = sum(5 if c["inputs"][4] is not None else 4 for c, _ in cases)
-    assert all(n == (4 * (2 * len(DECAYS) * len(DTYPES) + 1), 2 * n_grads + 5) for _, n in results)
+    assert all(n == (4 * (2 * len(DECAYS) * len(DTYPES) + 1), 2 * n_grads + 5) for n in counts)
 
 
 def _triton_worker(rank, p):

@@ -14,7 +14,7 @@ from dist_attn.comm import CommRecorder
 from dist_attn.layout import LAYOUTS, rank_chunks, shard
 from dist_attn.short_conv import short_conv
 from tests.dist import run_distributed
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_no_failures, value_error_report
 
 B, C, S = 2, 5, 48
 DOCS = [0, 1, 6, 7, 12, 14, 24, 25, 40, 48]
@@ -94,10 +94,8 @@ def _worker(rank, p):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("p", [1, 2, 3, 4], ids=lambda p: f"P{p}")
 def test_short_conv_matches_conv1d(p):
-    results = run_distributed(_worker, p, timeout=150, reuse=True)
-    failures = [f for fails, _ in results for f in fails]
-    assert not failures, "\n".join(failures)
-    assert all(n > 0 for _, n in results)
+    counts = assert_no_failures(run_distributed(_worker, p, timeout=150, reuse=True))
+    assert all(n > 0 for n in counts)
 
 
 def _errors():
@@ -112,13 +110,9 @@ def _errors():
         ("short_chunk", "at least K-1", dict(weight=torch.randn(3, 6))),
         ("cu_end", "end at the global sequence length", dict(cu_seqlens=torch.tensor([0, 3, 7]))),
     ]
-    got = {}
-    for name, needle, over in cases:
+
+    def call(**over):
         kw = {"x": x, "weight": w, **over}
-        try:
-            short_conv(kw.pop("x"), kw.pop("weight"), group=None, **kw)
-            got[name] = "no error"
-        except ValueError as e:
-            got[name] = "ok" if needle in str(e) and "Fix:" in str(e) else f"message: {e}"
-    return got
+        short_conv(kw.pop("x"), kw.pop("weight"), group=None, **kw)
+    return value_error_report(call, cases)
 

@@ -53,3 +53,24 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, dtype: torch.d
     assert rms <= rms_tol and mx <= max_tol, (
         f"{name} ({dtype}): rms ratio {rms:.3e} (tol {rms_tol:.1e}), max ratio {mx:.3e} (tol {max_tol:.1e})")
     return rms
+
+
+def assert_no_failures(results: list) -> list:
+    """``results`` = one ``(failures, count)`` per rank (a worker that collects its mismatches instead of
+    raising at the first): assert that no rank failed, listing every failure; return the per-rank counts."""
+    failures = [f for fails, _ in results for f in fails]
+    assert not failures, "\n".join(failures)
+    return [n for _, n in results]
+
+
+def value_error_report(call, cases) -> dict:
+    """``{name: "ok" | "no error" | "message: ..."}``: ``call(**over)`` for each ``(name, needle, over)`` of
+    ``cases``; "ok" when it raises a ValueError whose message contains ``needle`` and a "Fix:" part."""
+    got = {}
+    for name, needle, over in cases:
+        try:
+            call(**over)
+            got[name] = "no error"
+        except ValueError as e:
+            got[name] = "ok" if needle in str(e) and "Fix:" in str(e) else f"message: {e}"
+    return got
