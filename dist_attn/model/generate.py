@@ -18,11 +18,10 @@ Stepping every token from ``init_state`` must give the prefill's outputs (tests 
 new layer type (e.g. Gated DeltaNet ``D``: delta-rule state plus its short-conv window) registers its
 decoder next to its module with ``@register_decoder(TheModule)``.
 
-Math of the two built-in mixers (``dist_attn.model.mixers``), per head:
+Math of the built-in mixers (``dist_attn.model.mixers``), per head:
 
-* linear ``L``: ``S_t = exp(decay_h) S_{t-1} + k_t^T v_t`` (fp32 ``[B, H, Dk, Dv]``, k = silu(x Wk)),
-  ``o_t = D^-1/2 silu(q_t) S_t``, then RMSNorm over D and the elementwise gate sigmoid(x Wg). Prefill:
-  the lightning kernel's final state (``initial_state=None``), the state the training forward reaches.
+* linear ``L``, ``G`` and Gated DeltaNet ``D``: :mod:`dist_attn.model.decode_linear` (a recurrent state;
+  prefill takes the kernel's final state, the state the training forward reaches).
 * softmax ``F``: RoPE at position t on q_t and k_t; the cache keeps K after RoPE and V
   (``[B, capacity, Hkv, D]``, doubled when full: amortised O(1) appends); ``o_t = softmax(q_t K^T /
   sqrt(D)) V`` over the t+1 cached keys (GQA: query head j reads KV head j // (Hq/Hkv)), fp32
@@ -37,12 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from dist_attn.checks import fail
 from dist_attn.context import CPContext
-from dist_attn.model.layers import LinearAttention, SoftmaxAttention, decay_schedule
-from dist_attn.model.mixers import apply_rope, rms_norm
+from dist_attn.model.layers import SoftmaxAttention
+from dist_attn.model.mixers import apply_rope, softmax_out
 
 __all__ = ["MixerDecoder", "register_decoder", "decoder_for", "DecodeCache", "prefill", "step", "generate",
            "greedy_by_full_forward", "sample_next"]
@@ -79,151 +77,6 @@ def decoder_for(mixer) -> MixerDecoder:
          type(mixer).__name__, "register one with @dist_attn.model.generate.register_decoder(ItsClass)")
 
 
-# ---------------------------------------------------------------------------- linear attention (L)
-
-def _linear_decay(m: LinearAttention) -> torch.Tensor:
-    """The layer's log-decay [H] in fp32 (rebuilt exactly when the module was cast, as its forward does)."""
-    d = m.log_decay
-    return d if d.dtype == torch.float32 else decay_schedule(m.h, *m._decay_range).to(d.device)
-
-
-def _linear_out(m: LinearAttention, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """o ``[B, S, H, D]`` (attention output) -> RMSNorm over D, elementwise sigmoid gate, o_proj -> [B, S, d]."""
-    b, s = x.shape[:2]
-    o = rms_norm(o, m.out_norm.weight, m.out_norm.eps) * torch.sigmoid(m.gate(x).view(b, s, m.h, m.hd))
-    return m.o_proj(o.reshape(b, s, m.h * m.hd))
-
-
-@register_decoder(LinearAttention)
-class LinearDecoder(MixerDecoder):
-    """State: ``S [B, H, Dk, Dv]`` in fp32 (fp64 for fp64 models), the lightning kernel's accumulator."""
-
-    def init_state(self, m, batch, device, dtype):
-        return torch.zeros(batch, m.h, m.hd, m.hd, device=device, dtype=torch.promote_types(dtype, torch.float32))
-
-    def prefill(self, m, x, position_ids):
-        from dist_attn.kernels.lightning_attn import linear_kernel
-        b, s, _ = x.shape
-        shape = (b, s, m.h, m.hd)
-        q, k, v = F.silu(m.q_proj(x).view(shape)), F.silu(m.k_proj(x).view(shape)), m.v_proj(x).view(shape)
-        # the kernel dispatch.linear_attention calls without CP, asked for its final state too
-        o, state = linear_kernel(m.cp.backend)(q, k, v, decay=_linear_decay(m), scale=m.hd ** -0.5)
-        return _linear_out(m, o, x), state
-
-    def step(self, m, x, position, state):
-        b = x.shape[0]
-        shape = (b, m.h, m.hd)
-        acc = state.dtype
-        q = F.silu(m.q_proj(x).view(shape)).to(acc)
-        k = F.silu(m.k_proj(x).view(shape)).to(acc)
-        v = m.v_proj(x).view(shape)
-        lam = torch.exp(_linear_decay(m).to(acc))                                   # [H]
-        state = state * lam[None, :, None, None] + k.unsqueeze(-1) * v.to(acc).unsqueeze(-2)  # [B, H, Dk, Dv]
-        o = (m.hd ** -0.5) * torch.einsum("bhk,bhkv->bhv", q, state)                # [B, H, Dv]
-        return _linear_out(m, o.to(v.dtype).unsqueeze(1), x), state
-
-
-# ---------------------------------------------------------------------------- gated linear (G), Gated DeltaNet (D)
-# Registered only when dist_attn.model.layers has them (the layer types of the gated/delta issue).
-
-from dist_attn.model import layers as _layers  # noqa: E402
-
-if hasattr(_layers, "GatedLinearAttention"):
-    @register_decoder(_layers.GatedLinearAttention)
-    class GatedLinearDecoder(LinearDecoder):
-        """``G``: as ``L`` with the per-token log gate g_t = mamba_gate(x_t Wa) in place of the fixed decay:
-        ``S_t = exp(g_t) S_{t-1} + k_t^T v_t``."""
-
-        @staticmethod
-        def _gate(m, x):
-            from dist_attn.model.mixers import mamba_gate
-            return mamba_gate(m.a_proj(x), m.A_log, m.dt_bias)                   # [B, S, H] fp32
-
-        def prefill(self, m, x, position_ids):
-            from dist_attn.kernels.lightning_attn import linear_kernel
-            b, s, _ = x.shape
-            shape = (b, s, m.h, m.hd)
-            q, k, v = F.silu(m.q_proj(x).view(shape)), F.silu(m.k_proj(x).view(shape)), m.v_proj(x).view(shape)
-            o, state = linear_kernel(m.cp.backend)(q, k, v, decay=None, g=self._gate(m, x), scale=m.hd ** -0.5)
-            return _linear_out(m, o, x), state
-
-        def step(self, m, x, position, state):
-            b = x.shape[0]
-            shape = (b, m.h, m.hd)
-            acc = state.dtype
-            q = F.silu(m.q_proj(x).view(shape)).to(acc)
-            k = F.silu(m.k_proj(x).view(shape)).to(acc)
-            v = m.v_proj(x).view(shape)
-            lam = torch.exp(self._gate(m, x)[:, 0].to(acc))                      # [B, H]
-            state = state * lam[:, :, None, None] + k.unsqueeze(-1) * v.to(acc).unsqueeze(-2)
-            o = (m.hd ** -0.5) * torch.einsum("bhk,bhkv->bhv", q, state)
-            return _linear_out(m, o.to(v.dtype).unsqueeze(1), x), state
-
-if hasattr(_layers, "GatedDeltaNet"):
-    @register_decoder(_layers.GatedDeltaNet)
-    class GatedDeltaDecoder(MixerDecoder):
-        """``D``: state ``(S [B, H, Dk, Dv] fp32, conv window [B, K-1, C])``, the delta-rule state and the
-        last K-1 convolution inputs (C = H·(2Dk + Dv) channels, zeros before the first token). Step::
-
-            y_t = silu(sum_j w[:, j] x_{t-K+1+j});  q, k = l2norm;  beta = sigmoid(x Wb);  g = mamba_gate(x Wa)
-            S_t = exp(g_t) (S_{t-1} - beta_t k_t (k_t^T S_{t-1})) + beta_t k_t v_t^T;  o_t = Dk^-1/2 q_t^T S_t
-        """
-
-        def init_state(self, m, batch, device, dtype):
-            acc = torch.promote_types(dtype, torch.float32)
-            c = m.h * (2 * m.dk + m.dv)
-            return (torch.zeros(batch, m.h, m.dk, m.dv, device=device, dtype=acc),
-                    torch.zeros(batch, m.k_conv - 1, c, device=device, dtype=dtype))
-
-        @staticmethod
-        def _inputs(m, x):
-            b, s, _ = x.shape
-            q, k = m.q_proj(x).view(b, s, m.h, m.dk), m.k_proj(x).view(b, s, m.h, m.dk)
-            v = m.v_proj(x).view(b, s, m.h, m.dv)
-            return torch.cat([q, k, v], dim=-1).reshape(b, s, -1)                # [B, S, C]: (head, [q|k|v])
-
-        def _finish(self, m, y, x):
-            """Conv output ``y [B, S, C]`` -> q, k (L2), v, beta, g of the delta rule."""
-            from dist_attn.model.mixers import l2_normalize, mamba_gate
-            b, s, _ = x.shape
-            q, k, v = y.view(b, s, m.h, 2 * m.dk + m.dv).split([m.dk, m.dk, m.dv], dim=-1)
-            return (l2_normalize(q), l2_normalize(k), v.contiguous(), torch.sigmoid(m.b_proj(x)),
-                    mamba_gate(m.a_proj(x), m.A_log, m.dt_bias))
-
-        @staticmethod
-        def _out(m, o, x):
-            b, s = x.shape[:2]
-            o = rms_norm(o, m.out_norm.weight, m.out_norm.eps) * F.silu(m.gate(x).view(b, s, m.h, m.dv))
-            return m.o_proj(o.reshape(b, s, m.h * m.dv))
-
-        def prefill(self, m, x, position_ids):
-            from dist_attn import dispatch
-            from dist_attn.kernels.gated_delta import delta_kernel
-            xin = self._inputs(m, x)
-            w = m.conv_weight.reshape(xin.shape[-1], -1)                          # [C, K]
-            y = dispatch.short_conv(xin, w, cp=m.cp, activation="silu")
-            q, k, v, beta, g = self._finish(m, y, x)
-            o, state = delta_kernel(dispatch._delta_backend(m.cp.backend))(q, k, v, beta, g, scale=m.dk ** -0.5)
-            window = torch.cat([xin.new_zeros(xin.shape[0], m.k_conv - 1, xin.shape[-1]), xin], dim=1)
-            return self._out(m, o.to(v.dtype), x), (state, window[:, window.shape[1] - (m.k_conv - 1):])
-
-        def step(self, m, x, position, state):
-            s_mat, window = state
-            acc = s_mat.dtype
-            xin = self._inputs(m, x)                                              # [B, 1, C]
-            full = torch.cat([window, xin], dim=1)                                # [B, K, C]
-            w = m.conv_weight.reshape(xin.shape[-1], -1).to(acc)                  # [C, K]
-            y = F.silu((full.to(acc) * w.t()[None]).sum(dim=1, keepdim=True)).to(x.dtype)
-            q, k, v, beta, g = self._finish(m, y, x)
-            q, k, v = q[:, 0].to(acc), k[:, 0].to(acc), v[:, 0].to(acc)          # [B, H, D]
-            beta, lam = beta[:, 0].to(acc), torch.exp(g[:, 0].to(acc))            # [B, H]
-            ks = torch.einsum("bhk,bhkv->bhv", k, s_mat)                          # k^T S
-            s_mat = lam[..., None, None] * (s_mat - beta[..., None, None] * k.unsqueeze(-1) * ks.unsqueeze(-2)) \
-                + beta[..., None, None] * k.unsqueeze(-1) * v.unsqueeze(-2)
-            o = (m.dk ** -0.5) * torch.einsum("bhk,bhkv->bhv", q, s_mat)
-            return self._out(m, o.to(x.dtype).unsqueeze(1), x), (s_mat, full[:, 1:])
-
-
 # ---------------------------------------------------------------------------- softmax attention (F)
 
 @dataclass
@@ -257,8 +110,7 @@ def _softmax_qkv(m: SoftmaxAttention, x: torch.Tensor, positions: torch.Tensor):
 
 def _softmax_out(m: SoftmaxAttention, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     b, s = x.shape[:2]
-    if m.gate is not None:
-        o = o * torch.sigmoid(m.gate(x)).unsqueeze(-1)  # one gate per head and token
+    o = softmax_out(o, None if m.gate is None else m.gate(x))  # one gate per head and token
     return m.o_proj(o.reshape(b, s, m.hq * m.hd))
 
 
@@ -440,3 +292,7 @@ def greedy_by_full_forward(model, input_ids, max_new_tokens: int) -> torch.Tenso
         logits = model(ids, torch.arange(ids.shape[1], device=ids.device))
         ids = torch.cat([ids, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
     return ids[:, ids.shape[1] - max_new_tokens:]
+
+
+# the recurrent mixers' decoders (L, G, D) register themselves on import
+from dist_attn.model import decode_linear as _decode_linear  # noqa: E402,F401

@@ -89,8 +89,14 @@ def softmax_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position_i
     q, k = apply_rope(q, position_ids, theta), apply_rope(k, position_ids, theta)
     o = dispatch.softmax_attention(q, k, v, cp=cp, causal=True, window_size=window_size,
                                    **_docs(cu_seqlens))  # (B, S/P, Hq, D)
+    return softmax_out(o, gate)
+
+
+def softmax_out(o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """What follows the softmax attention: ``o [B, S, Hq, D]`` times sigmoid(gate logits ``[B, S, Hq]``),
+    one gate per head and token (``o`` unchanged for gate None). Shared by :func:`softmax_mix` and decoding."""
     if gate is not None:
-        o = o * torch.sigmoid(gate).unsqueeze(-1)  # (B, S/P, Hq, 1): one gate per head and token
+        o = o * torch.sigmoid(gate).unsqueeze(-1)  # (B, S/P, Hq, 1)
     return o
 
 
@@ -104,6 +110,12 @@ def linear_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Te
     q, k = F.silu(q), F.silu(k)
     extra = _docs(cu_seqlens) if g is None else {**_docs(cu_seqlens), "g": g}
     o = dispatch.linear_attention(q, k, v, cp=cp, decay=decay, scale=q.shape[-1] ** -0.5, **extra)
+    return linear_out(o, gate, norm_weight, eps)
+
+
+def linear_out(o: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """What follows the linear attention (``L``, ``G``): RMSNorm over D per head of ``o [B, S, H, D]``
+    times sigmoid(gate ``[B, S, H, D]``) elementwise. Shared by :func:`linear_mix` and decoding."""
     return rms_norm(o, norm_weight, eps) * torch.sigmoid(gate)
 
 
@@ -142,8 +154,19 @@ def delta_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor
         x = dispatch.short_conv(x, conv_weight.reshape(h * (2 * dk + dv), -1), cp=cp, activation="silu",
                                 **_docs(cu_seqlens))
         q, k, v = x.view(bsz, s, h, 2 * dk + dv).split([dk, dk, dv], dim=-1)
-    q, k = l2_normalize(q), l2_normalize(k)
-    beta = torch.sigmoid(b)                                   # (B, S/P, H), in (0, 1)
-    g = mamba_gate(a, a_log, dt_bias)                         # (B, S/P, H) fp32, <= 0
-    o = dispatch.delta_attention(q, k, v.contiguous(), beta, g, cp=cp, scale=dk ** -0.5, **_docs(cu_seqlens))
+    q, k, v, beta, g = delta_rule_inputs(q, k, v, a, b, a_log, dt_bias)
+    o = dispatch.delta_attention(q, k, v, beta, g, cp=cp, scale=dk ** -0.5, **_docs(cu_seqlens))
+    return delta_out(o, gate, norm_weight, eps)
+
+
+def delta_rule_inputs(q, k, v, a, b, a_log, dt_bias):
+    """Convolved q, k ``[B, S, H, Dk]``, v ``[B, S, H, Dv]`` and the a, b projections ``[B, S, H]`` -> the
+    delta rule's (q/|q|, k/|k|, v contiguous, beta = sigmoid(b) in (0, 1), g = mamba_gate(a) fp32 <= 0).
+    Shared by :func:`delta_mix` and decoding."""
+    return (l2_normalize(q), l2_normalize(k), v.contiguous(), torch.sigmoid(b), mamba_gate(a, a_log, dt_bias))
+
+
+def delta_out(o: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """What follows the delta rule (``D``): RMSNorm over Dv per head of ``o [B, S, H, Dv]`` times
+    silu(gate ``[B, S, H, Dv]``) elementwise. Shared by :func:`delta_mix` and decoding."""
     return rms_norm(o, norm_weight, eps) * F.silu(gate)
