@@ -179,21 +179,32 @@ def test_packing_errors(tmp_path):
 
 
 def test_balance_pairs_per_rank():
-    from dist_attn.data.balance import imbalance_table, long_tail_lengths, pairs_per_rank, pairs_per_token
+    """Per-rank attended pairs of packed documents: dist_attn.documents.doc_cost (the one implementation,
+    used by the cost model and benchmarks.doc_balance)."""
+    from benchmarks.doc_balance import packed_offsets, pair_table
+    from dist_attn.documents import doc_cost, visible_pairs
+
+    def pairs(cu, p, layout):
+        return doc_cost(cu, None, p, layout)["pairs"]
+
+    def per_token(cu, window=None):  # keys each token attends: position in its document + 1, capped at W + 1
+        return [visible_pairs((i, i + 1), (0, cu[-1]), cu, True, window, cu[-1]) for i in range(cu[-1])]
+
     n = 96
     one = [0, n]  # a single document: zigzag balances causal work exactly, contiguous does not
-    assert len(set(pairs_per_rank(one, 4, "zigzag").tolist())) == 1
-    contiguous = pairs_per_rank(one, 4, "contiguous")
-    assert contiguous.sum() == n * (n + 1) // 2 and contiguous[-1] > contiguous[0]
+    assert len(set(pairs(one, 4, "zigzag"))) == 1
+    contiguous = pairs(one, 4, "contiguous")
+    assert sum(contiguous) == n * (n + 1) // 2 and contiguous[-1] > contiguous[0]
     tiny = list(range(n + 1))  # 1-token documents: every rank attends the same
-    assert pairs_per_rank(tiny, 3, "contiguous").tolist() == [32, 32, 32]
+    assert pairs(tiny, 3, "contiguous") == [32, 32, 32]
     cu = [0, 5, 6, 40, 96]
-    pairs = pairs_per_token(cu, window=3)
-    assert pairs[:6].tolist() == [1, 2, 3, 4, 4, 1] and pairs.max() == 4
+    windowed = per_token(cu, window=3)
+    assert windowed[:6] == [1, 2, 3, 4, 4, 1] and max(windowed) == 4
     for layout in ("zigzag", "contiguous"):
-        assert pairs_per_rank(cu, 2, layout).sum() == pairs_per_token(cu).sum()
-    lengths = long_tail_lengths(4096, seed=1)
-    assert lengths.sum() == 4096 and lengths.min() >= 1
-    assert np.array_equal(lengths, long_tail_lengths(4096, seed=1))
-    rows = imbalance_table(4096, worlds=(2,), seeds=range(2))
-    assert [r[:2] for r in rows] == [(2, "zigzag"), (2, "contiguous")] and all(r[2] >= 1.0 for r in rows)
+        assert sum(pairs(cu, 2, layout)) == sum(per_token(cu))
+    offsets = packed_offsets(4096, seed=1, median=512)
+    assert offsets[-1] == 4096 and min(np.diff(offsets)) >= 1
+    assert offsets == packed_offsets(4096, seed=1, median=512)
+    rows = pair_table(4096, 512, worlds=(2,), seeds=range(2))
+    assert [(r["P"], r["layout"]) for r in rows] == [(2, "zigzag"), (2, "contiguous")]
+    assert all(r["ratio_mean"] >= 1.0 for r in rows)
