@@ -373,7 +373,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, 
     world, scale, kernel = check_softmax_cp_inputs(where, q, k, v, group, causal, layout, softmax_scale,
                                                    local_attn, cu_seqlens, window_size)
     if cu_seqlens is None and window_size is None:
-        return BlockwiseAttention.apply(q, k, v, _ring_forward, _ring_backward, (group, causal, layout, scale, kernel))
+        return BlockwiseAttention.apply(q, k, v, _ring_forward, _ring_backward,
+                                        (group, causal, layout, scale, kernel))
     cu = host_offsets(where, cu_seqlens, world * q.shape[1])
     check_same_on_ranks(where, cu, window_size, group)
     plan = _Plan(dist.get_rank(group), world, layout, causal, cu, window_size, q.shape[1])
