@@ -26,7 +26,8 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-from dist_attn.parallel._megatron_layers import block_spec, hybridlm_to_megatron_state_dict, stage_layers  # noqa: E402
+from dist_attn.parallel._megatron_layers import block_spec, stage_layers  # noqa: E402
+from dist_attn.parallel._megatron_weights import hybridlm_to_megatron_state_dict  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- configuration

@@ -2,9 +2,9 @@
 
 Nothing else in the project imports ``megatron``; this module and its private helpers are the whole
 contact surface: ``parallel/_megatron_setup.py`` (sizes and their validation, process groups, model
-building), ``parallel/_megatron_layers.py`` (our mixers inside megatron's layers, the HybridLM weight
-mapping), ``parallel/_megatron_cpu.py`` (the CPU path). Import everything from here; only
-:mod:`dist_attn.engines` names this module. The trainer sees :class:`MegatronEngine` (``build``
+building), ``parallel/_megatron_layers.py`` (our mixers inside megatron's layers),
+``parallel/_megatron_weights.py`` (the HybridLM weight mapping), ``parallel/_megatron_cpu.py`` (the CPU
+path). Import everything from here; only :mod:`dist_attn.engines` names this module. The trainer sees :class:`MegatronEngine` (``build``
 from a config and plan); tests and scripts can build one piece by piece::
 
     plan = ParallelPlan.build(8, tp=2, pp=2, cp=2, vpp=2, softmax_cp="zigzag_ring", linear_cp="lasp2")
@@ -58,7 +58,7 @@ from dist_attn.checks import fail
 from dist_attn.model.config import ModelConfig
 from dist_attn.model.hybrid import chunked_loss
 from dist_attn.parallel._megatron_cpu import megatron_device_shim
-from dist_attn.parallel._megatron_layers import hybridlm_to_megatron_state_dict
+from dist_attn.parallel._megatron_weights import hybridlm_to_megatron_state_dict
 from dist_attn.parallel._megatron_setup import (MegatronGroups, MegatronTrainSettings, _init_torch_distributed,
                                                 build_megatron_model, hidden_output_layers, init_megatron,
                                                 load_hybridlm_weights, transformer_config, validate_megatron,
@@ -445,7 +445,7 @@ def export_state_dict(path: str, model_cfg: ModelConfig, layout: dict) -> dict:
     from ``dist_checkpointing``, which reassembles the TP shards and pipeline stages by their global
     keys; the weights then go through :func:`megatron_to_hybridlm_state_dict`. Needs a process group:
     initialises a gloo world of one when none exists (a CLI process)."""
-    from dist_attn.parallel._megatron_layers import megatron_to_hybridlm_state_dict
+    from dist_attn.parallel._megatron_weights import megatron_to_hybridlm_state_dict
     from dist_attn.plan import ParallelPlan
     ckpt = os.path.join(path, CKPT_SUBDIR)
     if not os.path.isdir(ckpt):
