@@ -18,7 +18,7 @@ from dist_attn.layout import LAYOUTS, shard
 from dist_attn.kernels.gated_delta import delta_kernel
 from dist_attn.kernels.gated_delta.naive import gated_delta_chunked, gated_delta_recurrent
 from tests.dist import run_distributed
-from tests.utils import assert_close, assert_no_failures, value_error_report
+from tests.utils import assert_close, assert_no_failures, collect_close, value_error_report
 
 B, H, DK, DV = 2, 2, 8, 6
 NAMES = ("dq", "dk", "dv", "dbeta", "dg")
@@ -177,11 +177,7 @@ def _cp_worker(rank, p):
         docs = None if dname == "nodocs" else GLOBAL_DOCS
         for name, ref, got in _cp_case(rank, p, layout, dtype, docs, kernel):
             tag = f"P={p} {layout} {dtype} {dname} {'callable' if callable(kernel) and not hasattr(kernel, 'fwd') else ''} {name}"
-            try:
-                assert got.dtype == dtype, f"{tag}: dtype {got.dtype}"
-                assert_close(tag, ref, got, dtype=dtype)
-            except AssertionError as e:
-                failures.append(str(e))
+            collect_close(failures, tag, ref, got, dtype)
             checked += 1
 
     # bytes: forward (P-1)·c·B·H·Dk·(Dk+Dv)·4, backward (P-1)·c·B·H·Dk·Dv·4, one all-gather each, for two S

@@ -14,7 +14,7 @@ from dist_attn.comm import CommRecorder
 from dist_attn.layout import LAYOUTS, rank_chunks, shard
 from dist_attn.short_conv import short_conv
 from tests.dist import run_distributed
-from tests.utils import assert_close, assert_no_failures, value_error_report
+from tests.utils import assert_no_failures, collect_close, value_error_report
 
 B, C, S = 2, 5, 48
 DOCS = [0, 1, 6, 7, 12, 14, 24, 25, 40, 48]
@@ -64,11 +64,7 @@ def _worker(rank, p):
     for n, (layout, dtype, docs, k, with_bias, act) in enumerate(cases):
         for name, ref, got in _case(rank, p, layout, dtype, docs, k, with_bias, act, seed=n):
             tag = f"P={p} {layout} {dtype} docs={docs is not None} K={k} bias={with_bias} {act} {name}"
-            try:
-                assert got.dtype == dtype, f"{tag}: dtype {got.dtype}"
-                assert_close(tag, ref, got, dtype=dtype)
-            except AssertionError as e:
-                failures.append(str(e))
+            collect_close(failures, tag, ref, got, dtype)
             checked += 1
 
     # bytes: one B·(K-1)·C message per tail needed on another rank, the same amount back in backward

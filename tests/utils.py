@@ -55,6 +55,16 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, dtype: torch.d
     return rms
 
 
+def collect_close(failures: list, tag: str, ref: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) -> None:
+    """:func:`assert_close` plus ``got.dtype == dtype``, for a worker that gathers its mismatches: a
+    failure is appended to ``failures`` (its message) instead of raised."""
+    try:
+        assert got.dtype == dtype, f"{tag}: dtype {got.dtype}"
+        assert_close(tag, ref, got, dtype=dtype)
+    except AssertionError as e:
+        failures.append(str(e))
+
+
 def assert_no_failures(results: list) -> list:
     """``results`` = one ``(failures, count)`` per rank (a worker that collects its mismatches instead of
     raising at the first): assert that no rank failed, listing every failure; return the per-rank counts."""
