@@ -179,13 +179,19 @@ def _lse_2d(device) -> bool:
     return _LSE_2D[device]
 
 
-def _varlen_fwd(q, k, v, plan: FastPlan, scale, q_offset, k_offset, cu_seqlens):
+def _varlen_args(q, k, plan: FastPlan, q_offset, k_offset, cu_seqlens):
+    """Shapes, the LSE layout of this torch's op and the segment offsets, shared by forward and backward."""
     b, sq, hq, d = q.shape
     sk = k.shape[1]
     lse_2d = _lse_2d(q.device)
     if plan.segments and not lse_2d:
         raise RuntimeError("this torch's varlen flash LSE is [segments, H, max_q]: documents/windows unsupported")
     cu_q, cu_k = cum_seqs(plan, b, sq, sk, q_offset, k_offset, cu_seqlens, q.device)
+    return b, sq, hq, d, sk, lse_2d, cu_q, cu_k
+
+
+def _varlen_fwd(q, k, v, plan: FastPlan, scale, q_offset, k_offset, cu_seqlens):
+    b, sq, hq, d, sk, lse_2d, cu_q, cu_k = _varlen_args(q, k, plan, q_offset, k_offset, cu_seqlens)
     out, lse = _op("_flash_attention_forward")(_packed(q), _packed(k), _packed(v), cu_q, cu_k, sq, sk, 0.0,
                                                plan.is_causal, False, scale=scale, **_window_kw(plan))[:2]
     lse = lse.view(hq, b, sq).transpose(0, 1) if lse_2d else lse[..., :sq]
@@ -194,12 +200,7 @@ def _varlen_fwd(q, k, v, plan: FastPlan, scale, q_offset, k_offset, cu_seqlens):
 
 
 def _varlen_bwd(dout, q, k, v, out, lse, plan: FastPlan, scale, q_offset, k_offset, cu_seqlens):
-    b, sq, hq, d = q.shape
-    sk = k.shape[1]
-    lse_2d = _lse_2d(q.device)
-    if plan.segments and not lse_2d:
-        raise RuntimeError("this torch's varlen flash LSE is [segments, H, max_q]: documents/windows unsupported")
-    cu_q, cu_k = cum_seqs(plan, b, sq, sk, q_offset, k_offset, cu_seqlens, q.device)
+    b, sq, hq, d, sk, lse_2d, cu_q, cu_k = _varlen_args(q, k, plan, q_offset, k_offset, cu_seqlens)
     lse = lse.float().masked_fill(lse == float("-inf"), float("inf"))  # exp(s - inf) = 0 for rows without keys
     lse_fa = lse.transpose(0, 1).reshape(hq, b * sq) if lse_2d else lse
     rng = torch.empty(2, dtype=torch.int64, device=q.device)  # dropout 0: the RNG state is not read
