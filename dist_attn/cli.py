@@ -29,8 +29,10 @@ from dist_attn.train.config import register_configs, to_train_config
 register_configs()
 
 
-def _say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+def _say(msg: str, every_rank: bool = False) -> None:
+    """Print on rank 0, or on every rank (errors): the first rank to fail must say why before torchrun
+    stops the others, and that need not be rank 0 (ranks validate in parallel)."""
+    if every_rank or int(os.environ.get("RANK", "0")) == 0:
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -42,12 +44,12 @@ def main(cfg: DictConfig) -> None:
         trainer = Trainer(to_train_config(cfg), run_dir)
         trainer.resume()
     except ValueError as e:  # a configuration or checkpoint mistake: say it plainly, no traceback
-        _say(f"error: {e}")
+        _say(f"error: {e}", every_rank=True)
         sys.exit(2)
     try:
         summary = trainer.run()
     except NonFiniteLossError as e:
-        _say(f"error: {e}")
+        _say(f"error: {e}", every_rank=True)
         sys.exit(1)
     last = summary["last"]
     acc = "" if last.get("recall_acc") is None else f", recall accuracy {last['recall_acc']:.3f}"
