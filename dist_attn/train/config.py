@@ -43,7 +43,7 @@ class ParallelConfig:
     softmax_cp: str = "zigzag_ring"
     """CP strategy of the softmax (F) layers: zigzag_ring | ulysses | usp | allgather | auto (cost model)."""
     linear_cp: str = "lasp2"
-    """CP strategy of the linear (L) layers: lasp2 | ulysses | auto (cost model)."""
+    """CP strategy of the linear (L, G, D) layers: lasp2 (state passing) | ulysses (all-to-all) | auto."""
     ulysses_degree: int = 0
     """usp only: Ulysses degree U (inner, head-sharded); the ring degree is cp / U. Required for usp."""
     kernel_backend: str = "auto"

@@ -249,12 +249,16 @@ def sdpa_softmax_kernel(fast_cpu: bool | str = False, fallback: SoftmaxKernel | 
     def _varlen(q):
         return q.is_cuda or fast_cpu == "varlen"
 
-    def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, cu_seqlens=None, window_size=None):
+    def _plan(q, k, causal, softmax_scale, q_offset, k_offset, cu_seqlens, window_size, dlse=None):
+        """The fast-path plan (None: our kernel) after the measured selection, and the softmax scale."""
         plan = fast_mode(q, k, causal=causal, q_offset=q_offset, k_offset=k_offset, cu_seqlens=cu_seqlens,
-                         window_size=window_size, cpu=fast_cpu)
+                         window_size=window_size, dlse=dlse, cpu=fast_cpu)
         if plan is not None and select is not None and not select(q, plan, mask_class(causal, cu_seqlens, window_size)):
             plan = None
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        return plan, (q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale))
+
+    def fwd(q, k, v, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, cu_seqlens=None, window_size=None):
+        plan, scale = _plan(q, k, causal, softmax_scale, q_offset, k_offset, cu_seqlens, window_size)
         if plan is not None:
             try:
                 if _varlen(q):
@@ -267,11 +271,7 @@ def sdpa_softmax_kernel(fast_cpu: bool | str = False, fallback: SoftmaxKernel | 
 
     def bwd(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, q_offset=0, k_offset=0, dlse=None,
             cu_seqlens=None, window_size=None):
-        plan = fast_mode(q, k, causal=causal, q_offset=q_offset, k_offset=k_offset, cu_seqlens=cu_seqlens,
-                         window_size=window_size, dlse=dlse, cpu=fast_cpu)
-        if plan is not None and select is not None and not select(q, plan, mask_class(causal, cu_seqlens, window_size)):
-            plan = None
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        plan, scale = _plan(q, k, causal, softmax_scale, q_offset, k_offset, cu_seqlens, window_size, dlse)
         if plan is not None:
             try:
                 if _varlen(q):
